@@ -1,0 +1,19 @@
+"""Strategies by name; a method is a list of them (see MethodConfig.strategies)."""
+
+from mera.continual.strategies.base import Composite, StageContext, Strategy
+from mera.continual.strategies.finetune import FineTune
+from mera.continual.strategies.merge import Merge
+from mera.continual.strategies.realign import Realign
+
+
+def build_strategy(names: list[str], replay_ratio: float) -> Strategy:
+    makers = {
+        "finetune": lambda: FineTune(),
+        "merge": lambda: Merge(),
+        "realign": lambda: Realign(replay_ratio),
+    }
+    parts = [makers[n]() for n in names]
+    return parts[0] if len(parts) == 1 else Composite(parts)
+
+
+__all__ = ["Composite", "StageContext", "Strategy", "build_strategy"]

@@ -1,0 +1,151 @@
+"""Stage checkpoints that hold only what a stage changed.
+
+A stage folder holds
+
+    manifest.json           {"parent": <folder relative to this one, or null = the base LLM>,
+                             "deltas": [{"file": "lora.safetensors", "coef": 0.5, "scalings": {...}}],
+                             "connectors": "connectors.safetensors", "modalities": [...], ...}
+    lora.safetensors        the stage's LoRA pairs (A, B per linear module), never a full LLM
+    connectors.safetensors  every connector of the model after the stage ("<modality>.<param>")
+    scores.csv              the stage's evaluation rows
+    DONE                    written last: the folder is complete only when it exists
+
+The LLM of a stage is the base LLM plus, from the root of the parent chain down to the
+stage, every delta folded with its coefficient (``W += coef * scaling * B @ A``), in the
+same order and with the same function as during the run, so a loaded stage is exact.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+from mera.errors import CheckpointError
+from mera.io import atomic_path, write_json, write_text
+from mera.train.lora import LoraDelta, fold_lora, lora_from_tensors, lora_to_tensors
+
+MANIFEST = "manifest.json"
+DONE = "DONE"
+
+
+def is_done(folder: str | Path) -> bool:
+    return (Path(folder) / DONE).is_file()
+
+
+def save_tensors(path: Path, tensors: dict[str, torch.Tensor]) -> None:
+    with atomic_path(path) as tmp:
+        save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(tmp))
+
+
+def load_tensors(path: Path) -> dict[str, torch.Tensor]:
+    if not path.is_file():
+        raise CheckpointError(f"{path}: checkpoint file is missing")
+    try:
+        return load_file(str(path))
+    except (SafetensorError, OSError, ValueError) as e:
+        raise CheckpointError(f"{path}: unreadable safetensors file ({e})") from None
+
+
+def save_stage(
+    folder: str | Path,
+    *,
+    parent: str | Path | None,
+    deltas: list[tuple[LoraDelta, float]],
+    connectors: dict[str, dict[str, torch.Tensor]],
+    info: dict | None = None,
+) -> None:
+    """Write the checkpoint files of a stage (not DONE: call :func:`mark_done` after the scores)."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    entries = []
+    for k, (delta, coef) in enumerate(deltas):
+        tensors, scalings = lora_to_tensors(delta)
+        name = "lora.safetensors" if k == 0 else f"lora_{k}.safetensors"
+        save_tensors(folder / name, tensors)
+        entries.append({"file": name, "coef": float(coef), "scalings": scalings})
+    flat = {f"{m}.{k}": v for m, sd in connectors.items() for k, v in sd.items()}
+    save_tensors(folder / "connectors.safetensors", flat)
+    rel_parent = None
+    if parent is not None:
+        rel_parent = str(Path(_relpath(Path(parent), folder)))
+    manifest = {
+        "format": "mera-stage-v1",
+        "parent": rel_parent,
+        "deltas": entries,
+        "connectors": "connectors.safetensors",
+        "modalities": sorted(connectors),
+        **(info or {}),
+    }
+    write_json(folder / MANIFEST, manifest)
+
+
+def _relpath(target: Path, start: Path) -> str:
+    import os
+
+    return os.path.relpath(target.resolve(), start.resolve())
+
+
+def mark_done(folder: str | Path) -> None:
+    write_text(Path(folder) / DONE, "done\n")
+
+
+def read_manifest(folder: str | Path) -> dict:
+    path = Path(folder) / MANIFEST
+    if not path.is_file():
+        raise CheckpointError(f"{path}: stage manifest is missing")
+    try:
+        m = json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as e:
+        raise CheckpointError(f"{path}: invalid JSON ({e})") from None
+    if m.get("format") != "mera-stage-v1" or not isinstance(m.get("deltas"), list):
+        raise CheckpointError(f"{path}: not a mera stage manifest")
+    return m
+
+
+def chain(folder: str | Path) -> list[Path]:
+    """The stage folders from the root of the parent chain down to ``folder``."""
+    out, seen = [], set()
+    cur: Path | None = Path(folder).resolve()
+    while cur is not None:
+        if cur in seen:
+            raise CheckpointError(f"{cur}: the parent chain loops")
+        seen.add(cur)
+        out.append(cur)
+        parent = read_manifest(cur).get("parent")
+        cur = (cur / parent).resolve() if parent else None
+    return out[::-1]
+
+
+def load_deltas(folder: Path) -> list[tuple[LoraDelta, float]]:
+    m = read_manifest(folder)
+    out = []
+    for e in m["deltas"]:
+        tensors = load_tensors(folder / e["file"])
+        try:
+            out.append((lora_from_tensors(tensors, e["scalings"]), float(e["coef"])))
+        except KeyError as k:
+            raise CheckpointError(f"{folder / e['file']}: missing tensor {k}") from None
+    return out
+
+
+@torch.no_grad()
+def apply_stage_llm(llm, folder: str | Path) -> None:
+    """Fold every delta of the chain ending at ``folder`` into the (base) ``llm``, in place."""
+    for f in chain(folder):
+        for delta, coef in load_deltas(f):
+            fold_lora(llm, delta, coef)
+
+
+def load_connectors(folder: str | Path) -> dict[str, dict[str, torch.Tensor]]:
+    folder = Path(folder)
+    m = read_manifest(folder)
+    flat = load_tensors(folder / m["connectors"])
+    out: dict[str, dict[str, torch.Tensor]] = {}
+    for key, v in flat.items():
+        modality, name = key.split(".", 1)
+        out.setdefault(modality, {})[name] = v
+    return out

@@ -1,0 +1,402 @@
+"""The stage loop: experts, then for every order and method, stage after stage:
+align -> instruct -> merge coefficient -> after-stage hooks (realign) -> checkpoint -> evaluate.
+
+Run directory (the single source of truth; every step can be resumed from it):
+
+    <out>/config.yaml                     the resolved config
+    <out>/experts/<modality>/             expert checkpoints + scores.csv + DONE
+    <out>/<order>/<method>/stage_<i>_<modality>/   stage checkpoints + scores.csv + DONE
+    <out>/scores.csv                      all rows, rebuilt in a fixed order after each stage
+    <out>/report.md, metrics.json, figures/
+
+Seeds are derived from (run seed, what is being trained), never from what ran before,
+so a resumed run trains exactly what an uninterrupted one would.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import io
+import json
+import re
+import shutil
+import time
+from pathlib import Path
+
+import torch
+import yaml
+
+from mera.config import dump_config
+from mera.continual import checkpoint as ckpt
+from mera.continual.strategies import StageContext, Strategy, build_strategy
+from mera.continual.strategies.finetune import FineTune
+from mera.data.format import Sample
+from mera.data.pipeline import FeatureProvider, ItemDataset, load_sets
+from mera.errors import ConfigError, MeraError
+from mera.io import write_text
+from mera.model.collate import MultimodalCollator
+from mera.run_config import MethodConfig, PhaseConfig, RunConfig
+from mera.train.loop import PhaseResult, train_phase
+from mera.train.lora import attach_lora, detach_lora, extract_lora, fold_lora
+
+SCORE_COLUMNS = ["method", "order", "stage", "modality", "dataset", "task", "score"]
+
+
+def slug(name: str) -> str:
+    s = re.sub(r"[^A-Za-z0-9]+", "-", name).strip("-").lower()
+    return s or "method"
+
+
+def seed_for(base: int, *parts) -> int:
+    h = hashlib.sha256(json.dumps([base, *map(str, parts)]).encode()).hexdigest()
+    return int(h[:8], 16)
+
+
+def flat_diff(a, b, prefix="") -> list[str]:
+    """Keys whose values differ between two nested dicts (dotted paths)."""
+    if isinstance(a, dict) and isinstance(b, dict):
+        out = []
+        for k in sorted(set(a) | set(b), key=str):
+            out += flat_diff(a.get(k, "<absent>"), b.get(k, "<absent>"), f"{prefix}{k}.")
+        return out
+    return [] if a == b else [prefix.rstrip(".")]
+
+
+class Runner:
+    def __init__(self, cfg: RunConfig, out_dir: str | Path, *, config_dir: Path | None = None,
+                 resume: bool = False, progress: bool = True, log=print):
+        self.cfg = cfg
+        self.out = Path(out_dir)
+        self.config_dir = config_dir or Path.cwd()
+        self.resume = resume
+        self.progress = progress
+        self.log = log
+        self.sets = {}
+        self.encoders = {}
+
+    # ------------------------------------------------------------------ plan
+    def plan(self) -> dict:
+        """What the run would train: the experts and every (order, method, stage)."""
+        experts = []
+        for order in self.cfg.orders.values():
+            for m in order:
+                if m not in experts:
+                    experts.append(m)
+        stages = []
+        for oname, order in self.cfg.orders.items():
+            for meth in self.cfg.methods:
+                for i, m in enumerate(order, 1):
+                    stages.append({"order": oname, "method": meth.name, "stage": i, "modality": m,
+                                   "dir": str(self.stage_dir(oname, meth, i, m).relative_to(self.out)),
+                                   "what": "= expert of " + m if i == 1 else "+".join(meth.strategies)})
+        return {"experts": experts, "stages": stages}
+
+    def stage_dir(self, order: str, method: MethodConfig, i: int, modality: str) -> Path:
+        return self.out / order / slug(method.name) / f"stage_{i}_{modality}"
+
+    def expert_dir(self, modality: str) -> Path:
+        return self.out / "experts" / modality
+
+    # ------------------------------------------------------------------ set-up
+    def prepare_dir(self) -> None:
+        text = dump_config(self.cfg)
+        cfg_file = self.out / "config.yaml"
+        if cfg_file.exists():
+            if not self.resume:
+                raise MeraError(f"{self.out}: a run directory is already there; pass --resume to continue it "
+                                "or choose another --out")
+            old = yaml.safe_load(cfg_file.read_text())
+            diff = flat_diff(old, yaml.safe_load(text))
+            if diff:
+                raise ConfigError(f"{cfg_file}: the resumed config differs from the run's in: {', '.join(diff)}")
+        else:
+            self.out.mkdir(parents=True, exist_ok=True)
+            write_text(cfg_file, text)
+
+    def resolve(self, path: str) -> str:
+        if path.startswith("zoo:"):
+            key = path[4:]
+            paths = self.zoo_paths
+            if key in paths and isinstance(paths[key], (str, Path)):
+                return str(paths[key])
+            if key.startswith("encoders/") and key.split("/", 1)[1] in paths.get("encoders", {}):
+                return str(paths["encoders"][key.split("/", 1)[1]])
+            raise ConfigError(f"unknown zoo path {path!r}; known: zoo:llm, zoo:tokenizer, zoo:encoders/<modality>")
+        p = Path(path).expanduser()
+        return str(p if p.is_absolute() else self.config_dir / p)
+
+    def setup(self) -> None:
+        from transformers import AutoTokenizer
+
+        from mera.model.encoders.base import load_encoder
+
+        if self.cfg.threads:
+            torch.set_num_threads(self.cfg.threads)
+        self.zoo_paths = {}
+        if self._uses_zoo():
+            from mera.zoo.build import ZooConfig, build_zoo, zoo_paths
+
+            zcfg = ZooConfig(**(self.cfg.zoo or {}))
+            build_zoo(zcfg, force=False, progress=self.progress)
+            self.zoo_paths = zoo_paths(zcfg)
+        set_paths = {m: p.model_dump() for m, p in self.cfg.data.sets.items()}
+        self.set_names = {m: (p.caption_name or f"{m}-caption", p.qa_name or f"{m}-qa")
+                          for m, p in self.cfg.data.sets.items()}
+        if self.cfg.data.toy is not None:
+            from mera.data.toy_world import ToyWorldConfig, write_world
+            from mera.zoo.build import zoo_home
+
+            wcfg = ToyWorldConfig(**self.cfg.data.toy)
+            h = hashlib.sha256(wcfg.model_dump_json().encode()).hexdigest()[:12]
+            paths = write_world(zoo_home(self.cfg.zoo) / "toy-data" / h, wcfg)
+            for m in self.cfg.model.branches:
+                if m not in set_paths:
+                    p = paths[m]
+                    set_paths[m] = {"caption_train": p["caption"]["train"], "caption_test": p["caption"]["test"],
+                                    "qa_train": p["qa"]["train"], "qa_test": p["qa"]["test"]}
+                    self.set_names[m] = (f"toy-{m}-caption", f"toy-{m}-qa")
+        for m, p in set_paths.items():
+            for k in ("caption_train", "caption_test", "qa_train", "qa_test"):
+                p[k] = self.resolve(p[k])
+            p.pop("caption_name", None)
+            p.pop("qa_name", None)
+        self.sets = load_sets({m: set_paths[m] for m in self.cfg.model.branches}, self.cfg.data.max_test)
+        self.llm_path = self.resolve(self.cfg.model.llm)
+        tok_path = self.resolve(self.cfg.model.tokenizer) if self.cfg.model.tokenizer else self.llm_path
+        self.tokenizer = AutoTokenizer.from_pretrained(tok_path)
+        for m, b in self.cfg.model.branches.items():
+            path = self.resolve(b.encoder.path) if b.encoder.path else None
+            self.encoders[m] = load_encoder(b.encoder.family, path, **b.encoder.options)
+        self.provider = FeatureProvider(self.encoders, cache=self.cfg.train.cache_features, progress=self.progress)
+        from mera.eval.judges import get_judge
+
+        self.judge = get_judge(self.cfg.eval.judge)
+
+    def _uses_zoo(self) -> bool:
+        refs = [self.cfg.model.llm, self.cfg.model.tokenizer or ""]
+        refs += [b.encoder.path or "" for b in self.cfg.model.branches.values()]
+        return self.cfg.data.toy is not None or any(r.startswith("zoo:") for r in refs)
+
+    # ------------------------------------------------------------------ models
+    def base_model(self):
+        from transformers import AutoModelForCausalLM
+
+        from mera.model.mllm import MultimodalLM
+
+        dtype = getattr(torch, self.cfg.model.dtype)
+        llm = AutoModelForCausalLM.from_pretrained(self.llm_path, dtype=dtype)
+        llm.requires_grad_(False)
+        return MultimodalLM(llm, self.tokenizer)
+
+    def llm_hidden(self, model) -> int:
+        return model.llm.get_input_embeddings().weight.shape[1]
+
+    def new_connector(self, model, modality: str):
+        from mera.model.connectors import build_connector
+
+        torch.manual_seed(seed_for(self.cfg.seed, "connector", modality))
+        b = self.cfg.model.branches[modality]
+        return build_connector(b.connector, self.encoders[modality].output_dim, self.llm_hidden(model))
+
+    def add_branch(self, model, modality: str, state: dict | None = None):
+        conn = self.new_connector(model, modality)
+        if state is not None:
+            conn.load_state_dict(state)
+        model.add_branch(modality, self.encoders[modality], conn)
+
+    def load_stage(self, folder: Path):
+        """Rebuild the model of a finished stage from its checkpoint chain."""
+        model = self.base_model()
+        ckpt.apply_stage_llm(model.llm, folder)
+        for m, state in ckpt.load_connectors(folder).items():
+            self.add_branch(model, m, state)
+        return model
+
+    def connector_states(self, model) -> dict:
+        return {m: {k: v.detach().clone() for k, v in b.connector.state_dict().items()}
+                for m, b in model.branches.items()}
+
+    # ------------------------------------------------------------------ training
+    def _phase(self, model, groups, samples: list[Sample], pc: PhaseConfig, seed: int, desc: str,
+               extra_loss=None) -> PhaseResult:
+        for p in model.parameters():
+            p.requires_grad_(False)
+        for g in groups:
+            for p in g["params"]:
+                p.requires_grad_(True)
+        collate = MultimodalCollator(self.tokenizer, model, train=True)
+        res = train_phase(model, groups, ItemDataset(samples, self.provider), collate,
+                          batch_size=pc.batch_size, micro_batch_size=pc.micro_batch_size, epochs=pc.epochs,
+                          warmup_ratio=pc.warmup_ratio, weight_decay=pc.weight_decay,
+                          max_grad_norm=pc.max_grad_norm, seed=seed, extra_loss=extra_loss, desc=desc,
+                          progress=self.progress)
+        for p in model.parameters():
+            p.requires_grad_(False)
+        return res
+
+    def train_modality(self, model, ctx: StageContext, strategy: Strategy):
+        """The standard two steps on the new modality, then the merge coefficient. Returns the delta."""
+        tc, m = self.cfg.train, ctx.modality
+        self.add_branch(model, m)
+        strategy.before_stage(ctx)
+        conn = list(model.branches[m].connector.parameters())
+        tag = f"{ctx.method} s{ctx.stage} {m}"
+        # step A: align the new connector on captions
+        res = self._phase(model, [{"params": conn, "lr": tc.align.lr_connector}], self.sets[m].caption_train,
+                          tc.align, seed_for(ctx.seed, "align"), f"{tag} align")
+        ctx.log["align"] = _phase_log(res)
+        # step B: instruct (new connector + LoRA; strategies may add data, parameters, a loss term)
+        model.llm = attach_lora(model.llm, tc.lora, seed_for(ctx.seed, "lora"))
+        lora_params = [p for n, p in model.llm.named_parameters() if "lora_" in n]
+        groups = [{"params": conn, "lr": tc.instruct.lr_connector},
+                  {"params": lora_params, "lr": tc.instruct.lr_lora or tc.instruct.lr_connector}]
+        for _name, params in strategy.instruct_extra_params(ctx):
+            groups.append({"params": params, "lr": tc.instruct.lr_connector})
+        data = self.sets[m].train + strategy.instruct_extra_data(ctx)
+        res = self._phase(model, groups, data, tc.instruct, seed_for(ctx.seed, "instruct"), f"{tag} instruct",
+                          extra_loss=strategy.extra_loss(ctx))
+        ctx.log["instruct"] = _phase_log(res)
+        delta = extract_lora(model.llm)
+        model.llm = detach_lora(model.llm)
+        coef = strategy.merge_coefficient(ctx)
+        coef = 1.0 if coef is None else coef
+        fold_lora(model.llm, delta, coef)
+        ctx.log["merge_coef"] = coef
+        return delta, coef
+
+    def realign(self, ctx: StageContext, samples: list[Sample]) -> PhaseResult:
+        """Train every connector of the model on ``samples``; LLM and encoders frozen."""
+        pc = self.cfg.train.realign
+        params = [p for b in ctx.model.branches.values() for p in b.connector.parameters()]
+        return self._phase(ctx.model, [{"params": params, "lr": pc.lr_connector}], samples, pc,
+                           seed_for(ctx.seed, "realign"), f"{ctx.method} s{ctx.stage} realign")
+
+    # ------------------------------------------------------------------ evaluation
+    def evaluate(self, model, modalities: list[str], tag: str) -> list[dict]:
+        from mera.eval.evaluate import evaluate_modality
+
+        rows = []
+        for m in modalities:
+            r, ex = evaluate_modality(model, self.tokenizer, m, self.sets[m].caption_test, self.sets[m].qa_test,
+                                      self.provider, self.judge, self.cfg.eval.batch_size,
+                                      self.cfg.eval.max_new_tokens, self.set_names[m], self.progress)
+            rows += r
+            shown = ", ".join(f"{x['task']} {x['score']:.3g}" for x in r)
+            self.log(f"    eval {m:6s} {shown}   e.g. {ex.get('caption', [('', '')])[0][1]!r}")
+        return rows
+
+    # ------------------------------------------------------------------ experts and stages
+    def run_expert(self, modality: str) -> None:
+        folder = self.expert_dir(modality)
+        if ckpt.is_done(folder):
+            self.log(f"[expert {modality}] done, skipped")
+            return
+        _clean(folder)
+        t0 = time.perf_counter()
+        self.log(f"[expert {modality}] training")
+        model = self.base_model()
+        ctx = StageContext(self, model, order="-", method="expert", stage=1, modality=modality, seen=[modality],
+                           seed=seed_for(self.cfg.seed, "expert", modality))
+        delta, coef = self.train_modality(model, ctx, FineTune())
+        ckpt.save_stage(folder, parent=None, deltas=[(delta, coef)], connectors=self.connector_states(model),
+                        info={"kind": "expert", "modality": modality, "log": ctx.log})
+        rows = self.evaluate(model, [modality], f"expert {modality}")
+        _write_rows(folder / "scores.csv", [{"method": "expert", "order": "", "stage": "", **r} for r in rows])
+        ckpt.mark_done(folder)
+        self.log(f"[expert {modality}] {time.perf_counter() - t0:.1f}s")
+
+    def run_method(self, order_name: str, method: MethodConfig) -> None:
+        order = self.cfg.orders[order_name]
+        strategy = build_strategy(method.strategies, method.replay_ratio)
+        model = None
+        for i, m in enumerate(order, 1):
+            folder = self.stage_dir(order_name, method, i, m)
+            if ckpt.is_done(folder):
+                model = None  # loaded lazily if a later stage needs training
+                prev = folder
+                continue
+            if model is None:
+                model = self.load_stage(prev) if i > 1 else None
+            _clean(folder)
+            t0 = time.perf_counter()
+            self.log(f"[{order_name} / {method.name}] stage {i} {m}")
+            if i == 1:  # stage 1 of every method is the expert of the first modality
+                expert = self.expert_dir(m)
+                ckpt.save_stage(folder, parent=expert, deltas=[], connectors=ckpt.load_connectors(expert),
+                                info={"kind": "stage", "stage": 1, "modality": m, "same_as": "expert"})
+                rows = _read_rows(expert / "scores.csv")
+                model = self.load_stage(folder) if len(order) > 1 else None
+            else:
+                ctx = StageContext(self, model, order=order_name, method=method.name, stage=i, modality=m,
+                                   seen=order[:i], seed=seed_for(self.cfg.seed, order_name, method.name, i))
+                delta, coef = self.train_modality(model, ctx, strategy)
+                strategy.after_stage(ctx)
+                ckpt.save_stage(folder, parent=prev, deltas=[(delta, coef)],
+                                connectors=self.connector_states(model),
+                                info={"kind": "stage", "stage": i, "modality": m, "log": ctx.log})
+                rows = self.evaluate(model, order[:i], f"{method.name} s{i}")
+            rows = [{**r, "method": method.name, "order": order_name, "stage": i} for r in rows]
+            _write_rows(folder / "scores.csv", rows)
+            ckpt.mark_done(folder)
+            self.assemble_scores()
+            self.log(f"    stage {i} done in {time.perf_counter() - t0:.1f}s")
+            prev = folder
+
+    # ------------------------------------------------------------------ scores and report
+    def assemble_scores(self) -> Path:
+        """Rebuild ``scores.csv`` from the finished stages, in plan order (so resume gives the same file)."""
+        rows = []
+        for oname, order in self.cfg.orders.items():
+            for m in order:
+                f = self.expert_dir(m)
+                if ckpt.is_done(f):
+                    rows += [{**r, "order": oname} for r in _read_rows(f / "scores.csv")]
+        for oname, order in self.cfg.orders.items():
+            for meth in self.cfg.methods:
+                for i, m in enumerate(order, 1):
+                    f = self.stage_dir(oname, meth, i, m)
+                    if ckpt.is_done(f):
+                        rows += _read_rows(f / "scores.csv")
+        path = self.out / "scores.csv"
+        _write_rows(path, rows)
+        return path
+
+    def run(self) -> Path:
+        self.prepare_dir()
+        self.setup()
+        t0 = time.perf_counter()
+        for m in self.plan()["experts"]:
+            self.run_expert(m)
+        for oname in self.cfg.orders:
+            for meth in self.cfg.methods:
+                self.run_method(oname, meth)
+        scores = self.assemble_scores()
+        self.log(f"all stages done in {time.perf_counter() - t0:.1f}s; scores: {scores}")
+        return scores
+
+
+def _phase_log(res: PhaseResult) -> dict:
+    return {"steps": res.steps, "seconds": round(res.seconds, 2),
+            "loss_first": round(res.losses[0], 4) if res.losses else None,
+            "loss_last": round(res.losses[-1], 4) if res.losses else None}
+
+
+def _clean(folder: Path) -> None:
+    """Remove an unfinished stage folder (no DONE): it is redone from scratch."""
+    if folder.exists():
+        shutil.rmtree(folder)
+
+
+def _write_rows(path: Path, rows: list[dict]) -> None:
+    buf = io.StringIO()
+    w = csv.DictWriter(buf, fieldnames=SCORE_COLUMNS, lineterminator="\n")
+    w.writeheader()
+    for r in rows:
+        w.writerow({k: r.get(k, "") for k in SCORE_COLUMNS})
+    write_text(path, buf.getvalue())
+
+
+def _read_rows(path: Path) -> list[dict]:
+    with open(path, newline="", encoding="utf-8") as f:
+        return list(csv.DictReader(f))

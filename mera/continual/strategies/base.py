@@ -1,0 +1,97 @@
+"""The strategy interface: a few hooks around the standard two-step training of a stage.
+
+The stage loop itself lives in ``mera.continual.runner`` (read it there, in one place).
+A method is a list of strategies composed in order (``[merge, realign]`` is MERA).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Callable
+
+import torch
+
+if TYPE_CHECKING:  # pragma: no cover
+    from mera.continual.runner import Runner
+    from mera.data.format import Sample
+    from mera.model.mllm import MultimodalLM
+
+
+@dataclass
+class StageContext:
+    runner: "Runner"
+    model: "MultimodalLM"
+    order: str
+    method: str
+    stage: int  # 1-based
+    modality: str  # the modality learned at this stage
+    seen: list[str]  # modalities up to and including this stage, in order
+    seed: int
+    log: dict = field(default_factory=dict)  # what the hooks did (goes into the stage manifest)
+
+
+class Strategy:
+    """Base: plain fine-tuning. Override only the hooks you need."""
+
+    name = "finetune"
+
+    def before_stage(self, ctx: StageContext) -> None:
+        """Called after the new branch is added, before step A (align)."""
+
+    def instruct_extra_data(self, ctx: StageContext) -> list["Sample"]:
+        """Extra samples mixed into step B (e.g. replay of old modalities)."""
+        return []
+
+    def instruct_extra_params(self, ctx: StageContext) -> list[tuple[str, list[torch.nn.Parameter]]]:
+        """Extra (group name, parameters) trained in step B, e.g. old connectors fed by replayed data."""
+        return []
+
+    def extra_loss(self, ctx: StageContext) -> Callable[[], torch.Tensor | None] | None:
+        """A penalty added to step B's loss (e.g. EWC); None for none."""
+        return None
+
+    def merge_coefficient(self, ctx: StageContext) -> float | None:
+        """Coefficient of this stage's LLM delta; None: no opinion (1.0 = plain fine-tuning)."""
+        return None
+
+    def after_stage(self, ctx: StageContext) -> None:
+        """Called after the delta is folded, before the checkpoint and the evaluation (e.g. realign)."""
+
+
+class Composite(Strategy):
+    """Hooks of several strategies, called in order. At most one may set the merge coefficient."""
+
+    def __init__(self, parts: list[Strategy]):
+        self.parts = parts
+        self.name = "+".join(p.name for p in parts)
+
+    def before_stage(self, ctx):
+        for p in self.parts:
+            p.before_stage(ctx)
+
+    def instruct_extra_data(self, ctx):
+        return [s for p in self.parts for s in p.instruct_extra_data(ctx)]
+
+    def instruct_extra_params(self, ctx):
+        return [g for p in self.parts for g in p.instruct_extra_params(ctx)]
+
+    def extra_loss(self, ctx):
+        fns = [f for f in (p.extra_loss(ctx) for p in self.parts) if f is not None]
+        if not fns:
+            return None
+
+        def total():
+            terms = [t for t in (f() for f in fns) if t is not None]
+            return sum(terms) if terms else None
+
+        return total
+
+    def merge_coefficient(self, ctx):
+        coefs = [c for c in (p.merge_coefficient(ctx) for p in self.parts) if c is not None]
+        if len(coefs) > 1:
+            raise ValueError(f"strategies {self.name} disagree on the merge coefficient")
+        return coefs[0] if coefs else None
+
+    def after_stage(self, ctx):
+        for p in self.parts:
+            p.after_stage(ctx)

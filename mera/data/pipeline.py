@@ -1,0 +1,133 @@
+"""From dataset files to training/evaluation items: loading the sets, frozen-encoder features, replay samples.
+
+An *item* is what the collator takes: ``{"modality", "prompt", "answer", "features" | "media"}``.
+Encoders are frozen and deterministic, so with ``cache=True`` each sample's features are
+computed once per run and reused by every expert, method, order and stage.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch.utils.data import Dataset
+from tqdm.auto import tqdm
+
+from mera.data.format import Sample, load_dataset
+from mera.data.media import read_media
+
+
+@dataclass
+class ModalitySets:
+    caption_train: list[Sample]
+    caption_test: list[Sample]
+    qa_train: list[Sample]
+    qa_test: list[Sample]
+
+    @property
+    def train(self) -> list[Sample]:
+        """Step B's data: captions and QA together."""
+        return self.caption_train + self.qa_train
+
+
+def load_sets(paths: dict[str, dict[str, str]], max_test: int | None = None) -> dict[str, ModalitySets]:
+    """``paths[modality]`` = {caption_train, caption_test, qa_train, qa_test} -> loaded, validated samples."""
+    out = {}
+    for modality, p in paths.items():
+        sets = {k: load_dataset(v) for k, v in p.items()}
+        for key, samples in sets.items():
+            for s in samples:
+                if s.modality != modality:
+                    from mera.errors import DataError
+
+                    raise DataError(f"{p[key]}: sample {s.id!r} has modality {s.modality!r}, expected {modality!r}")
+        if max_test is not None:
+            sets["caption_test"] = sets["caption_test"][:max_test]
+            sets["qa_test"] = sets["qa_test"][:max_test]
+        out[modality] = ModalitySets(**sets)
+    return out
+
+
+def sample_fraction(samples: list[Sample], ratio: float, rng: np.random.Generator) -> list[Sample]:
+    """A seeded random ``ratio`` share of ``samples`` (at least one sample when ``samples`` is not empty)."""
+    if not samples:
+        return []
+    k = max(1, int(round(ratio * len(samples))))
+    idx = np.sort(rng.choice(len(samples), size=min(k, len(samples)), replace=False))
+    return [samples[i] for i in idx]
+
+
+def _key(s: Sample) -> tuple:
+    return (s.modality, s.id, tuple(s.media) if isinstance(s.media, list) else s.media)
+
+
+class FeatureProvider:
+    """Gives an item's encoder input: cached features (``cache=True``) or preprocessed media."""
+
+    def __init__(self, encoders: dict[str, torch.nn.Module], cache: bool = True, batch_size: int = 64, progress: bool = True):
+        self.encoders = encoders
+        self.cache = cache
+        self.batch_size = batch_size
+        self.progress = progress
+        self._features: dict[tuple, torch.Tensor] = {}
+
+    def media(self, s: Sample) -> torch.Tensor:
+        return self.encoders[s.modality].preprocess(read_media(s.modality, s.media))
+
+    @torch.no_grad()
+    def warm(self, samples: list[Sample], desc: str = "features") -> None:
+        """Compute and cache the features of every sample not cached yet."""
+        if not self.cache:
+            return
+        todo = [s for s in samples if _key(s) not in self._features]
+        if not todo:
+            return
+        todo = list({_key(s): s for s in todo}.values())
+        bar = tqdm(total=len(todo), desc=desc, disable=not self.progress, leave=False)
+        for modality in sorted({s.modality for s in todo}):
+            enc = self.encoders[modality]
+            group = [s for s in todo if s.modality == modality]
+            for i in range(0, len(group), self.batch_size):
+                chunk = group[i : i + self.batch_size]
+                x = torch.stack([self.media(s) for s in chunk])
+                feats = enc(x).float()
+                for s, f in zip(chunk, feats):
+                    self._features[_key(s)] = f.clone()
+                bar.update(len(chunk))
+        bar.close()
+
+    def item(self, s: Sample, with_answer: bool = True) -> dict:
+        it = {"modality": s.modality, "prompt": s.prompt, "answer": s.answer if with_answer else None}
+        if self.cache:
+            if _key(s) not in self._features:
+                self.warm([s])
+            it["features"] = self._features[_key(s)]
+        else:
+            it["media"] = self.media(s)
+        return it
+
+
+class ItemDataset(Dataset):
+    def __init__(self, samples: list[Sample], provider: FeatureProvider, with_answer: bool = True):
+        self.samples = samples
+        self.provider = provider
+        self.with_answer = with_answer
+        provider.warm(samples)
+
+    def __len__(self):
+        return len(self.samples)
+
+    def __getitem__(self, i):
+        return self.provider.item(self.samples[i], self.with_answer)
+
+
+def steps_per_epoch(n: int, batch_size: int) -> int:
+    return max(1, math.ceil(n / batch_size))
+
+
+def resolve_relative(path: str, base: Path) -> str:
+    p = Path(path).expanduser()
+    return str(p if p.is_absolute() else (base / p))

@@ -1,0 +1,159 @@
+"""The schema of ``mera run`` configs (see configs/toy/*.yaml and the README).
+
+Path values may start with ``zoo:`` (a file inside the toy model zoo, e.g. ``zoo:llm``)
+or be relative to the config file.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import Field, field_validator, model_validator
+
+from mera import MODALITIES
+from mera.config_base import StrictModel
+from mera.model.connectors import ConnectorConfig
+from mera.train.lora import LoraSettings
+
+STRATEGIES = ("finetune", "merge", "realign")
+
+
+class EncoderRef(StrictModel):
+    family: str
+    path: str | None = None
+    options: dict = Field(default_factory=dict)
+
+
+class BranchConfig(StrictModel):
+    encoder: EncoderRef
+    connector: ConnectorConfig = Field(default_factory=ConnectorConfig)
+
+
+class ModelConfig(StrictModel):
+    llm: str = "zoo:llm"
+    tokenizer: str | None = None  # defaults to the llm folder
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    branches: dict[str, BranchConfig]
+
+
+class SetPaths(StrictModel):
+    """The four files of one modality: caption and QA sets, train and test (mera's JSON format)."""
+
+    caption_train: str
+    caption_test: str
+    qa_train: str
+    qa_test: str
+    caption_name: str | None = None  # the "dataset" column of scores.csv (default "<modality>-caption")
+    qa_name: str | None = None
+
+
+class DataConfig(StrictModel):
+    # the toy world: generated on first use into the mera home (cached by its config)
+    toy: dict | None = None
+    sets: dict[str, SetPaths] = Field(default_factory=dict)
+    max_test: int | None = None  # cap on test samples per set (None: all)
+
+
+class PhaseConfig(StrictModel):
+    epochs: float = 1.0
+    batch_size: int = 16  # effective batch (micro_batch_size x gradient accumulation)
+    micro_batch_size: int | None = None  # None: the whole batch at once
+    warmup_ratio: float = 0.03
+    lr_connector: float = 2e-5
+    lr_lora: float | None = None
+    weight_decay: float = 0.0
+    max_grad_norm: float | None = 1.0
+
+    @model_validator(mode="after")
+    def _check(self):
+        if self.batch_size < 1 or (self.micro_batch_size is not None and self.micro_batch_size < 1):
+            raise ValueError("batch sizes must be >= 1")
+        if self.micro_batch_size and self.batch_size % self.micro_batch_size:
+            raise ValueError(f"batch_size {self.batch_size} is not a multiple of micro_batch_size {self.micro_batch_size}")
+        if not 0 <= self.warmup_ratio < 1:
+            raise ValueError("warmup_ratio must be in [0, 1)")
+        return self
+
+
+def _align():
+    return PhaseConfig(batch_size=128, lr_connector=1e-3)
+
+
+def _instruct():
+    return PhaseConfig(batch_size=16, lr_connector=2e-5, lr_lora=2e-4)
+
+
+def _realign():
+    return PhaseConfig(batch_size=16, lr_connector=2e-5)
+
+
+class TrainConfig(StrictModel):
+    """Defaults are the paper's (METHOD.md section 2); toy configs shrink them."""
+
+    align: PhaseConfig = Field(default_factory=_align)
+    instruct: PhaseConfig = Field(default_factory=_instruct)
+    realign: PhaseConfig = Field(default_factory=_realign)
+    lora: LoraSettings = Field(default_factory=LoraSettings)
+    # frozen encoders are deterministic: compute each set's features once and reuse them
+    cache_features: bool = True
+    num_workers: int = 0
+
+
+class MethodConfig(StrictModel):
+    name: str
+    # composition of strategies: [finetune], [merge], [realign], [merge, realign] (MERA), ...
+    strategies: list[str] = Field(default_factory=lambda: ["finetune"])
+    replay_ratio: float = 0.1  # r of realign (fraction of D_1..D_i)
+
+    @field_validator("strategies")
+    @classmethod
+    def _known(cls, v):
+        for s in v:
+            if s not in STRATEGIES:
+                raise ValueError(f"unknown strategy {s!r}; known: {', '.join(STRATEGIES)}")
+        return v
+
+    @field_validator("replay_ratio")
+    @classmethod
+    def _ratio(cls, v):
+        if not 0 < v <= 1:
+            raise ValueError("replay_ratio must be in (0, 1]")
+        return v
+
+
+class EvalConfig(StrictModel):
+    batch_size: int = 32
+    max_new_tokens: int = 32
+    judge: str = "exact_match"
+
+
+class RunConfig(StrictModel):
+    name: str = "run"
+    seed: int = 0
+    zoo: dict | None = None  # ZooConfig fields (toy model zoo); None: defaults
+    model: ModelConfig
+    data: DataConfig = Field(default_factory=DataConfig)
+    orders: dict[str, list[str]] = Field(default_factory=lambda: {"sequential": list(MODALITIES)})
+    methods: list[MethodConfig]
+    train: TrainConfig = Field(default_factory=TrainConfig)
+    eval: EvalConfig = Field(default_factory=EvalConfig)
+    threads: int | None = 2  # torch CPU threads (None: torch's default)
+
+    @model_validator(mode="after")
+    def _check(self):
+        for oname, order in self.orders.items():
+            if len(set(order)) != len(order) or not order:
+                raise ValueError(f"orders.{oname}: a non-empty list of distinct modalities is expected")
+            for m in order:
+                if m not in self.model.branches:
+                    raise ValueError(f"orders.{oname}: modality {m!r} has no entry in model.branches")
+        names = [m.name for m in self.methods]
+        if len(set(names)) != len(names):
+            raise ValueError("methods: names must be distinct")
+        if "expert" in names:
+            raise ValueError("methods: 'expert' is reserved for the experts' rows")
+        if self.data.toy is None:
+            for m in self.model.branches:
+                if m not in self.data.sets:
+                    raise ValueError(f"data.sets: no data for modality {m!r} (or set data.toy)")
+        return self

@@ -1,0 +1,93 @@
+"""LoRA on every linear module of the LLM (PEFT), and folding its delta back into the weights.
+
+Attaching uses PEFT; after a phase the adapter is *extracted* (its A, B and scaling per
+module) and PEFT is unloaded without merging, so that the same :func:`fold_lora` is used
+both during a run and when a stage checkpoint is loaded: the rebuilt model is bit-identical.
+"""
+
+from __future__ import annotations
+
+import torch
+from peft import LoraConfig, get_peft_model
+from peft.tuners.lora import LoraLayer
+
+from mera.config_base import StrictModel
+from mera.continual.merging import fold_delta
+
+
+class LoraSettings(StrictModel):
+    r: int = 128
+    alpha: float = 128
+    dropout: float = 0.05
+    # "all-linear": every linear module of the LLM except the output head (PEFT's meaning).
+    target_modules: str | list[str] = "all-linear"
+
+
+# name of a base Linear module (as in llm.named_modules()) -> {"A": [r, in], "B": [out, r], "scaling": float}
+LoraDelta = dict[str, dict]
+
+
+def attach_lora(llm, settings: LoraSettings, seed: int):
+    """Wrap ``llm`` with a fresh LoRA adapter (seeded init); only LoRA parameters are trainable."""
+    torch.manual_seed(seed)
+    cfg = LoraConfig(
+        r=settings.r,
+        lora_alpha=settings.alpha,
+        lora_dropout=settings.dropout,
+        target_modules=settings.target_modules,
+        bias="none",
+    )
+    return get_peft_model(llm, cfg)
+
+
+def _base_name(peft_name: str) -> str:
+    # "base_model.model.model.layers.0.self_attn.q_proj" -> "model.layers.0.self_attn.q_proj"
+    prefix = "base_model.model."
+    return peft_name[len(prefix):] if peft_name.startswith(prefix) else peft_name
+
+
+def extract_lora(peft_model, adapter: str = "default") -> LoraDelta:
+    """Detached fp32 copies of every LoRA pair, keyed by the base module's name in the plain LLM."""
+    out: LoraDelta = {}
+    for name, module in peft_model.named_modules():
+        if isinstance(module, LoraLayer) and adapter in module.lora_A:
+            out[_base_name(name)] = {
+                "A": module.lora_A[adapter].weight.detach().float().clone(),
+                "B": module.lora_B[adapter].weight.detach().float().clone(),
+                "scaling": float(module.scaling[adapter]),
+            }
+    if not out:
+        raise RuntimeError("no LoRA layers found on the model")
+    return out
+
+
+def detach_lora(peft_model):
+    """Remove the adapter without merging it; returns the plain base LLM."""
+    return peft_model.unload()
+
+
+@torch.no_grad()
+def fold_lora(llm, delta: LoraDelta, coef: float) -> None:
+    """``W += coef * scaling * B @ A`` for every module of ``delta`` (in place, no copy of the LLM)."""
+    modules = dict(llm.named_modules())
+    for name, d in delta.items():
+        if name not in modules:
+            raise KeyError(f"LoRA delta names a module the LLM does not have: {name}")
+        fold_delta(modules[name].weight, d["A"], d["B"], d["scaling"], coef)
+
+
+def lora_to_tensors(delta: LoraDelta) -> tuple[dict[str, torch.Tensor], dict[str, float]]:
+    """Flatten for safetensors: ``{name.lora_A: A, name.lora_B: B}`` and ``{name: scaling}``."""
+    tensors, scalings = {}, {}
+    for name, d in delta.items():
+        tensors[f"{name}.lora_A"] = d["A"].contiguous()
+        tensors[f"{name}.lora_B"] = d["B"].contiguous()
+        scalings[name] = d["scaling"]
+    return tensors, scalings
+
+
+def lora_from_tensors(tensors: dict[str, torch.Tensor], scalings: dict[str, float]) -> LoraDelta:
+    out: LoraDelta = {}
+    for name, s in scalings.items():
+        out[name] = {"A": tensors[f"{name}.lora_A"], "B": tensors[f"{name}.lora_B"], "scaling": float(s)}
+    return out
