@@ -109,7 +109,13 @@ def cmd_toy(args) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
+    parser = _parser()
+    # key=value overrides may come before or after options (argparse stops positionals at options)
+    args, extra = parser.parse_known_args(argv)
+    if extra:
+        if args.command != "run" or any(x.startswith("-") or "=" not in x for x in extra):
+            parser.error(f"unrecognized arguments: {' '.join(extra)}")
+        args.overrides = list(args.overrides) + extra
     os.environ.setdefault("HF_HUB_OFFLINE", "1")  # never download at run time
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     try:

@@ -1,0 +1,126 @@
+"""QA judges: normalised exact match, the registry, accuracy with unparseable judgements."""
+
+from __future__ import annotations
+
+import pytest
+
+from mera.errors import ConfigError, DataError, MeraError
+from mera.eval.judges import (
+    ExactMatchJudge,
+    Judge,
+    get_judge,
+    judge_qa,
+    normalize_answer,
+    qa_accuracy,
+    register_judge,
+)
+
+
+@pytest.mark.parametrize(
+    "text,normal",
+    [
+        ("Two.", "2"),
+        ("the red one", "red 1"),
+        ("An Apple!", "apple"),
+        ("  twenty   cats ", "20 cats"),
+        ("3.5", "3.5"),
+        ("1,000", "1000"),
+        ("t-shirt", "t shirt"),
+        ("dog's", "dogs"),
+        ("A", "a"),  # only an article: kept (a multiple-choice letter)
+        ("twenty-one", "20 1"),
+        ("Yes", "yes"),
+    ],
+)
+def test_normalize_answer(text, normal):
+    assert normalize_answer(text) == normal
+
+
+@pytest.mark.parametrize(
+    "prediction,answers,expected",
+    [
+        ("Two.", ["2"], 1.0),
+        ("2", ["two"], 1.0),
+        ("the red one", ["red one"], 1.0),
+        ("Red one", ["the red one"], 1.0),
+        ("YES", ["no", "yes"], 1.0),  # any acceptable answer
+        ("t shirt", ["T-shirt"], 1.0),
+        ("three", ["2"], 0.0),
+        ("red", ["red one"], 0.0),
+        ("blue one", ["red one"], 0.0),
+        ("12", ["1 2"], 0.0),
+        ("", ["red"], 0.0),
+        ("the", ["a"], 0.0),
+    ],
+)
+def test_exact_match(prediction, answers, expected):
+    assert ExactMatchJudge().score(["q?"], [answers], [prediction]) == [expected]
+
+
+def test_qa_accuracy_mean():
+    judge = get_judge("exact_match")
+    assert isinstance(judge, ExactMatchJudge) and isinstance(judge, Judge) and judge.name == "exact_match"
+    # 3 of 4 match -> 0.75
+    acc = qa_accuracy(
+        judge,
+        ["how many?", "which?", "what colour?", "what?"],
+        [["2"], ["red one"], ["blue"], ["cat"]],
+        ["Two.", "the red one", "green", "a cat"],
+    )
+    assert acc == pytest.approx(0.75)
+
+
+class HalfParsedJudge:
+    """A stand-in LLM judge: its judgement of every third item cannot be parsed."""
+
+    name = "half"
+
+    def score(self, questions, answers, predictions):
+        return [None if i % 3 == 2 else float(p == a[0]) for i, (a, p) in enumerate(zip(answers, predictions))]
+
+
+def test_unparseable_judgements_are_excluded_and_counted():
+    # items 0,1 judged (1.0, 0.0), item 2 unparseable, items 3,4 judged (1.0, 1.0):
+    # accuracy = (1 + 0 + 1 + 1) / 4 = 0.75, unparseable = 1
+    answers = [["x"], ["y"], ["z"], ["w"], ["v"]]
+    predictions = ["x", "nope", "z", "w", "v"]
+    result = judge_qa(HalfParsedJudge(), ["q"] * 5, answers, predictions)
+    assert result.accuracy == pytest.approx(0.75)
+    assert (result.num_items, result.num_judged, result.num_unparseable) == (5, 4, 1)
+    assert result.scores == (1.0, 0.0, None, 1.0, 1.0)
+    assert qa_accuracy(HalfParsedJudge(), ["q"] * 5, answers, predictions) == pytest.approx(0.75)
+
+
+def test_registry():
+    with pytest.raises(ConfigError, match="unknown judge 'gpt'.*exact_match"):
+        get_judge("gpt")
+    with pytest.raises(ConfigError, match="no options"):
+        get_judge("exact_match", model="x")
+    register_judge("half", lambda: HalfParsedJudge())
+    try:
+        assert get_judge("half").name == "half"
+    finally:
+        from mera.eval.judges import JUDGES
+
+        del JUDGES["half"]
+
+
+def test_input_errors():
+    judge = ExactMatchJudge()
+    with pytest.raises(DataError, match="differ in length"):
+        qa_accuracy(judge, ["q"], [["a"], ["b"]], ["a"])
+    with pytest.raises(DataError, match="non-empty list"):
+        qa_accuracy(judge, ["q"], [[]], ["a"])
+    with pytest.raises(DataError, match="non-empty list"):
+        qa_accuracy(judge, ["q"], ["a"], ["a"])  # a bare string, not a list of answers
+    with pytest.raises(DataError, match="no QA items"):
+        qa_accuracy(judge, [], [], [])
+
+    class NoneJudge:
+        name = "none"
+
+        def score(self, questions, answers, predictions):
+            return [None] * len(predictions)
+
+    with pytest.raises(MeraError, match="could not parse any"):
+        qa_accuracy(NoneJudge(), ["q"], [["a"]], ["a"])
