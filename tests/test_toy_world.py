@@ -1,0 +1,296 @@
+"""The toy world: determinism, files on disk, the language, and media that match their labels."""
+
+import os
+import re
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from mera import MODALITIES, PLACEHOLDERS
+from mera.data import toy_world as tw
+from mera.data.format import load_dataset
+from mera.data.media import AudioClip, read_media
+
+SMALL = dict(n_train_caption=12, n_train_qa=12, n_test_caption=6, n_test_qa=6)
+
+
+def _files(root: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+def _media_equal(a, b) -> bool:
+    if isinstance(a, AudioClip):
+        return a.sample_rate == b.sample_rate and np.array_equal(a.waveform, b.waveform)
+    return a.dtype == b.dtype and np.array_equal(a, b)
+
+
+@pytest.mark.parametrize("modality", MODALITIES)
+def test_generate_is_deterministic_and_seed_dependent(modality):
+    a = tw.generate(modality, "qa", "train", 5, seed=3)
+    b = tw.generate(modality, "qa", "train", 5, seed=3)
+    c = tw.generate(modality, "qa", "train", 5, seed=4)
+    assert [s.prompt for s in a] == [s.prompt for s in b]
+    assert all(_media_equal(x.media, y.media) for x, y in zip(a, b))
+    assert not any(_media_equal(x.media, y.media) for x, y in zip(a, c))
+    # prefix-stable: the first samples do not depend on how many are drawn
+    longer = tw.generate(modality, "qa", "train", 8, seed=3)
+    assert all(_media_equal(x.media, y.media) and x.answer == y.answer for x, y in zip(a, longer))
+    # train and test streams differ
+    t = tw.generate(modality, "qa", "test", 5, seed=3)
+    assert not any(_media_equal(x.media, y.media) for x, y in zip(a, t))
+
+
+def test_write_world_is_byte_identical_and_cached(tmp_path):
+    cfg = tw.ToyWorldConfig(seed=1, **SMALL)
+    p1 = tw.write_world(tmp_path / "a", cfg)
+    tw.write_world(tmp_path / "b", cfg)
+    fa, fb = _files(tmp_path / "a"), _files(tmp_path / "b")
+    assert fa == fb
+    assert len([k for k in fa if k.endswith(".json")]) == 17  # 16 sets + manifest
+    assert len(fa) == 17 + 36 * (1 + 4 + 1 + 1)  # 36 samples per modality; a video has 4 frame files
+    for m in MODALITIES:
+        for t in ("caption", "qa"):
+            for s in ("train", "test"):
+                assert p1[m][t][s] == str((tmp_path / "a" / m / f"{t}_{s}.json").absolute())
+                assert os.path.isfile(p1[m][t][s])
+    assert len([k for k in fa if k.startswith("video/media/caption_test/") and k.endswith(".png")]) == 6 * 4
+    # a second call with the same config rewrites nothing
+    stamp = {k: (tmp_path / "a" / k).stat().st_mtime_ns for k in fa}
+    tw.write_world(tmp_path / "a", cfg)
+    assert stamp == {k: (tmp_path / "a" / k).stat().st_mtime_ns for k in fa}
+    # another seed: other data, written over the old world
+    tw.write_world(tmp_path / "a", tw.ToyWorldConfig(seed=2, **SMALL))
+    fc = _files(tmp_path / "a")
+    assert fc["image/caption_train.json"] != fa["image/caption_train.json"] or \
+        fc["image/media/caption_train/00000.png"] != fa["image/media/caption_train/00000.png"]
+    assert fc["image/media/caption_train/00000.png"] != fa["image/media/caption_train/00000.png"]
+    assert fc["manifest.json"] != fa["manifest.json"]
+
+
+def test_files_round_trip_to_generated_values(tmp_path):
+    cfg = tw.ToyWorldConfig(seed=5, **SMALL)
+    paths = tw.write_world(tmp_path, cfg)
+    for m in MODALITIES:
+        for t in ("caption", "qa"):
+            for s in ("train", "test"):
+                loaded = load_dataset(paths[m][t][s])
+                gen = tw.generate(m, t, s, getattr(cfg, f"n_{s}_{t}"), cfg.seed, cfg)
+                assert len(loaded) == len(gen)
+                for a, g in zip(loaded, gen):
+                    assert (a.id, a.modality, a.task, a.prompt, a.answer, a.references) == \
+                        (g.id, g.modality, g.task, g.prompt, g.answer, g.references)
+                    assert _media_equal(read_media(m, a.media), g.media)
+
+
+@pytest.mark.parametrize("modality", MODALITIES)
+def test_samples_are_well_formed(modality):
+    heads = tw.attribute_heads(modality)
+    for task in ("caption", "qa"):
+        for split in ("train", "test"):
+            for s in tw.generate(modality, task, split, 40, seed=0):
+                assert set(s.attributes) == set(heads)
+                for k, v in s.attributes.items():
+                    assert -1 <= v < heads[k]
+                assert s.prompt.count(PLACEHOLDERS[modality]) == 1
+                assert s.answer in s.references
+                if task == "caption":
+                    assert s.prompt == tw.CAPTION_PROMPTS[modality]
+                    if split == "test":
+                        assert len(set(s.references)) >= 3
+                    else:
+                        assert s.references == [s.answer]
+                else:
+                    assert s.references == [s.answer] and len(s.answer.split()) <= 2
+    shapes = {"image": (32, 32, 3), "video": (4, 32, 32, 3), "point": (256, 6)}
+    s = tw.generate(modality, "caption", "train", 1)[0]
+    if modality == "audio":
+        assert s.media.sample_rate == 8000 and s.media.waveform.shape == (8000,)
+        assert np.abs(s.media.waveform).max() <= 1.0
+    else:
+        assert s.media.shape == shapes[modality]
+
+
+def test_captions_and_answers_say_what_the_attributes_say():
+    for s in tw.generate("video", "caption", "test", 30):
+        a = s.attributes
+        for r in s.references:
+            assert tw.COLOURS[a["colour"]] in r.split() and tw.SHAPES_2D[a["shape"]] in r.split()
+            assert tw.DIRECTIONS[a["direction"]] in r.split()
+    for s in tw.generate("audio", "qa", "test", 60):
+        a = s.attributes
+        if "how many" in s.prompt:
+            assert s.answer == tw.NUMBERS[a["count"]]
+        elif "pitch" in s.prompt:
+            assert s.answer == tw.PITCHES[a["pitch"]]
+        else:
+            assert s.answer == tw.TIMBRES[a["timbre"]]
+    for s in tw.generate("image", "caption", "test", 30):
+        n = s.attributes["count"] + 1
+        assert s.references[3].startswith(f"{tw.NUMBERS[n - 1]} shape")
+        assert sum(r.count(" and ") for r in s.references[:2]) == 2 * (n - 1)
+
+
+# ---------------------------------------------------------------- the media match their labels
+
+def test_image_shapes_sit_in_their_quadrants_with_their_colours():
+    hits = 0
+    samples = tw.generate("image", "caption", "train", 60, seed=2)
+    for s in samples:
+        img = s.media.astype(float) / 255
+        a = s.attributes
+        for k in (1, 2):
+            if a[f"colour_{k}"] < 0:
+                continue
+            row, col = divmod(a[f"position_{k}"], 2)
+            quad = img[row * 16:(row + 1) * 16, col * 16:(col + 1) * 16].reshape(-1, 3)
+            target = tw._COLOUR_RGB[a[f"colour_{k}"]]
+            dist = np.linalg.norm(quad - target, axis=1)
+            # enough pixels of the labelled colour in the labelled quadrant (a small shape: >= 6)
+            hits += int((dist < 0.25).sum() >= 6)
+    total = sum(s.attributes["count"] + 1 for s in samples)
+    assert hits >= 0.9 * total
+
+
+def test_video_shape_moves_in_the_labelled_direction():
+    ok = 0
+    samples = tw.generate("video", "qa", "train", 40, seed=1)
+    for s in samples:
+        target = tw._COLOUR_RGB[s.attributes["colour"]]
+        cents = []
+        for fr in s.media.astype(float) / 255:
+            mask = np.linalg.norm(fr - target, axis=2) < 0.25
+            ys, xs = np.nonzero(mask)
+            cents.append((xs.mean(), ys.mean()))
+        dx, dy = np.subtract(cents[-1], cents[0])
+        d = s.attributes["direction"]
+        moved, across = {0: (-dx, dy), 1: (dx, dy), 2: (-dy, dx), 3: (dy, dx)}[d]
+        ok += int(moved > 1.5 and abs(across) < moved)
+    assert ok >= 0.9 * len(samples)
+
+
+def test_audio_beeps_count_and_pitch():
+    ok_count = ok_pitch = 0
+    samples = tw.generate("audio", "caption", "train", 40, seed=3)
+    for s in samples:
+        w = s.media.waveform.astype(float)
+        frame = 80  # 10 ms
+        env = np.sqrt((w[: len(w) // frame * frame].reshape(-1, frame) ** 2).mean(1))
+        loud = env > 0.12
+        onsets = int(loud[0]) + int(np.sum(loud[1:] & ~loud[:-1]))
+        ok_count += int(onsets == s.attributes["count"] + 1)
+        spec = np.abs(np.fft.rfft(w))
+        freqs = np.fft.rfftfreq(len(w), 1 / 8000)
+        peak = freqs[np.argmax(spec[freqs > 100]) + np.sum(freqs <= 100)]
+        lo, hi = tw._PITCH_HZ[s.attributes["pitch"]]
+        # the strongest component is the fundamental, or a low harmonic of it
+        ok_pitch += int(any(lo * 0.95 <= peak / h <= hi * 1.05 for h in (1, 2, 3)))
+    assert ok_count >= 0.75 * len(samples)
+    assert ok_pitch >= 0.9 * len(samples)
+
+
+def test_point_proportions_and_colour():
+    ratios = {0: [], 1: [], 2: []}
+    for s in tw.generate("point", "caption", "train", 90, seed=4):
+        p = s.media
+        xyz = p[:, :3]
+        lo, hi = np.percentile(xyz, [5, 95], axis=0)
+        ext = hi - lo
+        ratios[s.attributes["proportion"]].append(ext[2] / np.sqrt(ext[0] * ext[1]))
+        colour = np.median(p[:, 3:], axis=0)
+        assert np.argmin(np.linalg.norm(tw._COLOUR_RGB - colour, axis=1)) == s.attributes["colour"]
+        assert np.linalg.norm(xyz, axis=1).max() < 1.2
+    tall, regular, flat = (np.median(ratios[k]) for k in range(3))
+    assert tall > regular > flat
+
+
+# ---------------------------------------------------------------- the language
+
+def _words(text: str) -> list[str]:
+    for p in PLACEHOLDERS.values():
+        text = text.replace(p, " ")
+    return text.split()
+
+
+def test_vocabulary_covers_all_text_and_nothing_unused():
+    vocab = tw.vocabulary()
+    assert vocab == sorted(set(vocab))
+    assert not any(w.startswith("<") or w.startswith("{") or re.search(r"\s", w) for w in vocab)
+    used = set()
+    for m in MODALITIES:
+        for t in ("caption", "qa"):
+            for s in tw.generate(m, t, "test", 150, seed=0):
+                for text in [s.prompt, s.answer, *s.references]:
+                    used.update(_words(text))
+    for prompt, answer in tw.text_instructions(1500, seed=0):
+        used.update(_words(prompt) + _words(answer))
+    assert used <= set(vocab), sorted(used - set(vocab))
+    assert set(vocab) <= used, sorted(set(vocab) - used)  # no word that nothing uses
+    # shared words carry the interference between modalities
+    for w in ("red", "blue", "two", "what", "colour", "shape"):
+        assert w in vocab
+
+
+def test_text_instructions_teach_describe_and_colour_shape_only():
+    pairs = tw.text_instructions(600, seed=1)
+    assert pairs == tw.text_instructions(600, seed=1)
+    assert pairs != tw.text_instructions(600, seed=2)
+    describe = [p for p in pairs if p[0].startswith("describe the ")]
+    questions = [p for p in pairs if not p[0].startswith("describe the ")]
+    assert 200 < len(describe) < 400
+    nouns = {p[0].split()[2] for p in describe}
+    assert nouns == {"image", "video", "sound", "object"}
+    for prompt, answer in pairs:
+        assert not any(ph in prompt for ph in PLACEHOLDERS.values())
+    forbidden = {q.format(shape=sh, colour=c) for m in MODALITIES for qt, q in tw.QUESTIONS[m].items()
+                 if qt not in tw.TEXT_QUESTION_TYPES for sh in tw.SHAPES_2D for c in tw.COLOURS}
+    allowed = {q.format(shape=sh, colour=c) for m in MODALITIES for qt, q in tw.QUESTIONS[m].items()
+               if qt in tw.TEXT_QUESTION_TYPES for sh in tw.SHAPES_2D for c in tw.COLOURS}
+    assert "what colour is the circle ?" in allowed and len(allowed) == 4 + 6 + 2 + 2
+    for prompt, answer in questions:
+        assert prompt.endswith("?")
+        assert not any(q in prompt for q in forbidden), prompt
+        for w in ("where", "how", "which", "fast or slow", "big or small", "pitch of", "kind of", "proportions"):
+            assert f" {w} " not in f" {prompt} ", (w, prompt)
+        assert answer in tw.COLOURS + tw.SHAPES_2D + tw.SHAPES_3D
+        assert prompt[prompt.rindex(" . ") + 3:] in allowed, prompt
+    # the answer of a describe instruction is a caption of the described modality
+    for prompt, answer in describe[:50]:
+        noun = prompt.split()[2]
+        m = {"image": "image", "video": "video", "sound": "audio", "object": "point"}[noun]
+        assert answer.endswith(" .")
+        assert any(w in answer.split() for w in _words(prompt.split(":", 1)[1]) if w not in (",", ";"))
+        if m == "audio":
+            assert any(t in answer for t in tw.TIMBRES)
+
+
+def test_attribute_heads_and_config():
+    assert tw.attribute_heads("audio") == {"count": 4, "pitch": 3, "timbre": 4}
+    assert tw.attribute_heads("image")["x_1"] == 8
+    with pytest.raises(Exception):
+        tw.attribute_heads("smell")
+    with pytest.raises(Exception):
+        tw.ToyWorldConfig(n_train_qa=0)
+    with pytest.raises(Exception):
+        tw.ToyWorldConfig(unknown=1)
+    assert tw.config_hash(tw.ToyWorldConfig()) == tw.config_hash(tw.ToyWorldConfig())
+    assert tw.config_hash(tw.ToyWorldConfig()) != tw.config_hash(tw.ToyWorldConfig(image_noise=0.1))
+
+
+def test_show_writes_a_sheet(tmp_path):
+    from mera.data.show import show
+
+    text, png = show(tmp_path, tw.ToyWorldConfig(), n_per_modality=2)
+    assert Path(png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "== point ==" in text and text.count("ref:") == 4 * 2 * len(tw.IMAGE_TEMPLATES)
+    first = tw.generate("audio", "caption", "test", 1)[0]
+    assert first.answer in text
+
+
+def test_write_world_refuses_a_foreign_manifest(tmp_path):
+    from mera.errors import DataError
+
+    (tmp_path / "manifest.json").write_text('{"something": "else"}')
+    with pytest.raises(DataError, match=r"manifest\.json: exists but is not a toy world's manifest"):
+        tw.write_world(tmp_path, tw.ToyWorldConfig(**SMALL))
+    assert (tmp_path / "manifest.json").read_text() == '{"something": "else"}'
