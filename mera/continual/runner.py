@@ -65,13 +65,13 @@ def flat_diff(a, b, prefix="") -> list[str]:
 
 class Runner:
     def __init__(self, cfg: RunConfig, out_dir: str | Path, *, config_dir: Path | None = None,
-                 resume: bool = False, progress: bool = True, log=print):
+                 resume: bool = False, progress: bool = True, log=None):
         self.cfg = cfg
         self.out = Path(out_dir)
         self.config_dir = config_dir or Path.cwd()
         self.resume = resume
         self.progress = progress
-        self.log = log
+        self.log = log or (lambda msg: print(msg, flush=True))
         self.sets = {}
         self.encoders = {}
 
