@@ -176,7 +176,7 @@ class Runner:
     def _uses_zoo(self) -> bool:
         refs = [self.cfg.model.llm, self.cfg.model.tokenizer or ""]
         refs += [b.encoder.path or "" for b in self.cfg.model.branches.values()]
-        return self.cfg.data.toy is not None or any(r.startswith("zoo:") for r in refs)
+        return any(r.startswith("zoo:") for r in refs)
 
     # ------------------------------------------------------------------ models
     def base_model(self):
@@ -273,17 +273,20 @@ class Runner:
                            seed_for(ctx.seed, "realign"), f"{ctx.method} s{ctx.stage} realign")
 
     # ------------------------------------------------------------------ evaluation
-    def evaluate(self, model, modalities: list[str], tag: str) -> list[dict]:
+    def evaluate(self, model, modalities: list[str], folder: Path) -> list[dict]:
+        """Evaluate every modality in ``modalities``; predictions go to ``folder/predictions.jsonl``."""
         from mera.eval.evaluate import evaluate_modality
 
-        rows = []
+        rows, preds = [], []
         for m in modalities:
             r, ex = evaluate_modality(model, self.tokenizer, m, self.sets[m].caption_test, self.sets[m].qa_test,
                                       self.provider, self.judge, self.cfg.eval.batch_size,
                                       self.cfg.eval.max_new_tokens, self.set_names[m], self.progress)
             rows += r
+            preds += [{"modality": m, **p} for p in ex["predictions"]]
             shown = ", ".join(f"{x['task']} {x['score']:.3g}" for x in r)
             self.log(f"    eval {m:6s} {shown}   e.g. {ex.get('caption', [('', '')])[0][1]!r}")
+        write_text(folder / "predictions.jsonl", "".join(json.dumps(p) + "\n" for p in preds))
         return rows
 
     # ------------------------------------------------------------------ experts and stages
@@ -301,7 +304,7 @@ class Runner:
         delta, coef = self.train_modality(model, ctx, FineTune())
         ckpt.save_stage(folder, parent=None, deltas=[(delta, coef)], connectors=self.connector_states(model),
                         info={"kind": "expert", "modality": modality, "log": ctx.log})
-        rows = self.evaluate(model, [modality], f"expert {modality}")
+        rows = self.evaluate(model, [modality], folder)
         _write_rows(folder / "scores.csv", [{"method": "expert", "order": "", "stage": "", **r} for r in rows])
         ckpt.mark_done(folder)
         self.log(f"[expert {modality}] {time.perf_counter() - t0:.1f}s")
@@ -335,7 +338,7 @@ class Runner:
                 ckpt.save_stage(folder, parent=prev, deltas=[(delta, coef)],
                                 connectors=self.connector_states(model),
                                 info={"kind": "stage", "stage": i, "modality": m, "log": ctx.log})
-                rows = self.evaluate(model, order[:i], f"{method.name} s{i}")
+                rows = self.evaluate(model, order[:i], folder)
             rows = [{**r, "method": method.name, "order": order_name, "stage": i} for r in rows]
             _write_rows(folder / "scores.csv", rows)
             ckpt.mark_done(folder)
@@ -373,6 +376,12 @@ class Runner:
                 self.run_method(oname, meth)
         scores = self.assemble_scores()
         self.log(f"all stages done in {time.perf_counter() - t0:.1f}s; scores: {scores}")
+        from mera.eval.report import write_report
+
+        try:
+            write_report([str(scores)], str(self.out))
+        except MeraError as e:  # e.g. an expert scored 0: relative gains are undefined; scores stay
+            self.log(f"no report: {e}")
         return scores
 
 

@@ -37,15 +37,16 @@ def evaluate_modality(model, tokenizer, modality: str, caption_test: list[Sample
                       provider: FeatureProvider, judge: Judge, batch_size: int, max_new_tokens: int,
                       names: tuple[str, str], progress: bool = True) -> tuple[list[dict], dict]:
     """Rows ``{modality, dataset, task, score}`` for the caption set (CIDEr-D x100) and the QA set
-    (accuracy in [0, 1]); plus a few example predictions for the logs."""
+    (accuracy in [0, 1]); plus ``{"predictions": [{id, task, prediction}], "examples": ...}``."""
     t0 = time.perf_counter()
-    rows, examples = [], {}
+    rows, examples, predictions = [], {}, []
     if caption_test:
         preds = generate_answers(model, tokenizer, caption_test, provider, batch_size, max_new_tokens,
                                  f"eval {modality} caption", progress)
         score = cider_d({s.id: p for s, p in zip(caption_test, preds)}, {s.id: s.references for s in caption_test})
         rows.append({"modality": modality, "dataset": names[0], "task": "caption", "score": round(score, 4)})
         examples["caption"] = [(s.references[0], p) for s, p in zip(caption_test[:3], preds[:3])]
+        predictions += [{"id": s.id, "task": "caption", "prediction": p} for s, p in zip(caption_test, preds)]
     if qa_test:
         preds = generate_answers(model, tokenizer, qa_test, provider, batch_size, max_new_tokens,
                                  f"eval {modality} qa", progress)
@@ -53,5 +54,7 @@ def evaluate_modality(model, tokenizer, modality: str, caption_test: list[Sample
         acc = qa_accuracy(judge, questions, [s.references for s in qa_test], preds)
         rows.append({"modality": modality, "dataset": names[1], "task": "qa", "score": round(acc, 4)})
         examples["qa"] = [(s.answer, p) for s, p in zip(qa_test[:3], preds[:3])]
+        predictions += [{"id": s.id, "task": "qa", "prediction": p} for s, p in zip(qa_test, preds)]
     examples["seconds"] = round(time.perf_counter() - t0, 2)
+    examples["predictions"] = predictions
     return rows, examples

@@ -1,0 +1,191 @@
+"""End to end: a 2-modality micro run (image with an MLP, point cloud with a Q-Former), fine-tuning
+and MERA; stage checkpoints rebuild the exact model; --resume gives identical scores."""
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from mera.config import load_config
+from mera.continual import checkpoint as ckpt
+from mera.continual.runner import Runner
+from mera.errors import ConfigError, MeraError
+from mera.run_config import RunConfig
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def assets(tmp_path_factory):
+    """A tiny random Llama, the toy tokenizer and random toy encoders, saved the real way."""
+    from mera.data.toy_world import text_instructions, vocabulary
+    from mera.model.encoders.toy import build_toy_encoder, save_toy_encoder
+    from mera.zoo.lm import LMConfig, pretrain_lm
+    from mera.zoo.tokenizer import build_tokenizer
+
+    root = tmp_path_factory.mktemp("assets")
+    tok = build_tokenizer(vocabulary(), root / "tokenizer")
+    # a quickly pre-trained tiny LM, so that the experts' scores are not all zero
+    pretrain_lm(tok, text_instructions(1500, seed=0), root / "llm",
+                LMConfig(hidden_size=64, num_layers=2, num_heads=4, steps=80, n_eval=20), progress=False)
+    for m in ("image", "point"):
+        torch.manual_seed(1)
+        save_toy_encoder(build_toy_encoder(m), root / m)
+    return root
+
+
+def micro_config(assets: Path, tmp_path: Path) -> Path:
+    cfg = {
+        "name": "micro",
+        "model": {
+            "llm": str(assets / "llm"),
+            "tokenizer": str(assets / "tokenizer"),
+            "branches": {
+                "image": {"encoder": {"family": "toy_image", "path": str(assets / "image")}},
+                "point": {"encoder": {"family": "toy_point", "path": str(assets / "point")},
+                          "connector": {"type": "qformer", "num_queries": 4, "qformer_hidden": 32,
+                                        "qformer_layers": 2, "qformer_heads": 4, "qformer_intermediate": 64}},
+            },
+        },
+        "data": {"toy": {"n_train_caption": 32, "n_train_qa": 64, "n_test_caption": 8, "n_test_qa": 16}},
+        "orders": {"sequential": ["image", "point"]},
+        "methods": [{"name": "Fine-Tuning", "strategies": ["finetune"]},
+                    {"name": "MERA (10%)", "strategies": ["merge", "realign"], "replay_ratio": 0.1}],
+        "train": {"align": {"epochs": 2, "batch_size": 8, "lr_connector": 1e-3},
+                  "instruct": {"epochs": 3, "batch_size": 8, "micro_batch_size": 4, "lr_connector": 1e-3,
+                               "lr_lora": 5e-3},
+                  "realign": {"epochs": 1, "batch_size": 4, "lr_connector": 1e-3},
+                  "lora": {"r": 4, "alpha": 8, "dropout": 0.0}},
+        "eval": {"batch_size": 8, "max_new_tokens": 12},
+    }
+    path = tmp_path / "micro.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    return path
+
+
+@pytest.fixture(scope="module")
+def micro_run(assets, tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("run")
+    mp = pytest.MonkeyPatch()
+    mp.setenv("MERA_HOME", str(tmp / "home"))
+    cfg_path = micro_config(assets, tmp)
+    cfg = load_config(cfg_path, [], RunConfig)
+    out = tmp / "out"
+    Runner(cfg, out, config_dir=tmp, progress=False, log=lambda m: None).run()
+    yield cfg_path, cfg, out
+    mp.undo()
+
+
+def read_csv(path):
+    return Path(path).read_text().splitlines()
+
+
+def test_run_directory_and_scores(micro_run):
+    cfg_path, cfg, out = micro_run
+    lines = read_csv(out / "scores.csv")
+    assert lines[0] == "method,order,stage,modality,dataset,task,score"
+    rows = [l.split(",") for l in lines[1:]]
+    experts = [r for r in rows if r[0] == "expert"]
+    # one expert per modality and data set, in the order's row set
+    assert {(r[3], r[5]) for r in experts} == {("image", "caption"), ("image", "qa"), ("point", "caption"), ("point", "qa")}
+    for method in ("Fine-Tuning", "MERA (10%)"):
+        st = [r for r in rows if r[0] == method]
+        # stage 1: image only (2 sets); stage 2: image and point (4 sets)
+        assert sorted((r[2], r[3]) for r in st) == sorted([("1", "image")] * 2 + [("2", "image")] * 2 + [("2", "point")] * 2)
+        stage1 = {(r[3], r[5]): r[6] for r in st if r[2] == "1"}
+        expert = {(r[3], r[5]): r[6] for r in experts if r[3] == "image"}
+        assert stage1 == expert  # stage 1 of every method is the expert of the first modality
+    for d in ("experts/image", "experts/point", "sequential/fine-tuning/stage_2_point", "sequential/mera-10/stage_2_point"):
+        assert ckpt.is_done(out / d)
+    assert (out / "report.md").is_file() and (out / "metrics.json").is_file()
+    assert (out / "figures" / "backward_rg.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_merge_coefficients_and_no_llm_copy(micro_run):
+    _, _, out = micro_run
+    ft = ckpt.read_manifest(out / "sequential/fine-tuning/stage_2_point")
+    mera = ckpt.read_manifest(out / "sequential/mera-10/stage_2_point")
+    assert ft["deltas"][0]["coef"] == 1.0
+    assert mera["deltas"][0]["coef"] == 0.5  # CMA at stage 2: W_1 + dW_2 / 2
+    # R_2 = 10% of D_1 and of D_2 (captions + QA: 32 + 64 = 96 each -> 10 each)
+    assert mera["log"]["realign"]["samples"] == 20
+    assert "realign" not in ft["log"]
+    # the stage holds only LoRA pairs (rank 4) and connectors, never an LLM weight
+    from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM
+
+    llm = AutoModelForCausalLM.from_pretrained(micro_run[1].model.llm)
+    linear = {n: m.weight.shape for n, m in llm.named_modules() if isinstance(m, torch.nn.Linear) and n != "lm_head"}
+    lora = load_file(str(out / "sequential/mera-10/stage_2_point/lora.safetensors"))
+    assert len(lora) == 2 * len(linear)
+    for name, (o, i) in linear.items():
+        assert lora[f"{name}.lora_A"].shape == (4, i) and lora[f"{name}.lora_B"].shape == (o, 4)
+    conn = load_file(str(out / "sequential/mera-10/stage_2_point/connectors.safetensors"))
+    assert {k.split(".")[0] for k in conn} == {"image", "point"}
+    assert sum(t.numel() for t in lora.values()) < 0.5 * sum(p.numel() for p in llm.parameters())
+
+
+def test_realign_changed_old_connector_but_finetune_did_not(micro_run):
+    _, _, out = micro_run
+    exp = ckpt.load_connectors(out / "experts/image")["image"]
+    ft = ckpt.load_connectors(out / "sequential/fine-tuning/stage_2_point")["image"]
+    mera = ckpt.load_connectors(out / "sequential/mera-10/stage_2_point")["image"]
+    assert all(torch.equal(exp[k], ft[k]) for k in exp)  # no old data in fine-tuning: old connector untouched
+    assert any(not torch.equal(exp[k], mera[k]) for k in exp)  # realign trained it
+
+
+def test_loaded_stage_reproduces_its_predictions(micro_run):
+    cfg_path, cfg, out = micro_run
+    runner = Runner(cfg, out, config_dir=cfg_path.parent, resume=True, progress=False, log=lambda m: None)
+    runner.setup()
+    from mera.eval.evaluate import generate_answers
+
+    for stage in ("sequential/fine-tuning/stage_2_point", "sequential/mera-10/stage_2_point"):
+        folder = out / stage
+        model = runner.load_stage(folder)
+        saved = [json.loads(l) for l in (folder / "predictions.jsonl").read_text().splitlines()]
+        for m in ("image", "point"):
+            samples = runner.sets[m].caption_test + runner.sets[m].qa_test
+            preds = generate_answers(model, runner.tokenizer, samples, runner.provider, 8, 12, progress=False)
+            want = [p["prediction"] for p in saved if p["modality"] == m]
+            assert preds == want, stage
+
+
+def test_resume_after_crash_gives_identical_scores(micro_run, tmp_path, monkeypatch):
+    cfg_path, cfg, out = micro_run
+    monkeypatch.setenv("MERA_HOME", str(out.parent / "home"))
+    copy = tmp_path / "copy"
+    shutil.copytree(out, copy)
+    # a crash during MERA's stage 2 (no DONE, a half-written file) and during the point expert
+    st = copy / "sequential/mera-10/stage_2_point"
+    (st / "DONE").unlink()
+    (st / "connectors.safetensors").write_bytes(b"garbage")
+    (copy / "experts/point/DONE").unlink()
+    (copy / "scores.csv").unlink()
+    Runner(cfg, copy, config_dir=cfg_path.parent, resume=True, progress=False, log=lambda m: None).run()
+    assert (copy / "scores.csv").read_bytes() == (out / "scores.csv").read_bytes()
+
+
+def test_resume_refuses_a_changed_config_and_existing_dir_needs_resume(micro_run):
+    cfg_path, cfg, out = micro_run
+    changed = load_config(cfg_path, ["train.instruct.lr_lora=0.1", "eval.max_new_tokens=5"], RunConfig)
+    with pytest.raises(ConfigError) as e:
+        Runner(changed, out, config_dir=cfg_path.parent, resume=True, progress=False).prepare_dir()
+    assert "train.instruct.lr_lora" in str(e.value) and "eval.max_new_tokens" in str(e.value)
+    with pytest.raises(MeraError, match="--resume"):
+        Runner(cfg, out, config_dir=cfg_path.parent, resume=False, progress=False).prepare_dir()
+
+
+def test_dry_run_lists_experts_and_stages(micro_run, tmp_path):
+    cfg_path, _, _ = micro_run
+    r = subprocess.run([sys.executable, "-m", "mera", "run", str(cfg_path), "--dry-run", "--out", str(tmp_path / "x")],
+                       capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    assert "experts/image" in r.stdout and "experts/point" in r.stdout
+    assert "2 experts, 4 stages" in r.stdout
+    assert not (tmp_path / "x").exists()  # nothing trained or written
