@@ -32,6 +32,7 @@ from mera.eval.metrics import (
 
 FIXTURE = Path(__file__).parent / "data" / "paper_sequential_scores.csv"
 HEADER = ",".join(COLUMNS)
+from hand_tables import HAND, write  # noqa: E402
 
 # A hand table. Experts: image MSCOCO 100 (caption), image VQA 0.5 (qa), video V 50, audio A 10.
 # Run M / o:
@@ -43,27 +44,8 @@ HEADER = ",".join(COLUMNS)
 #   BW = [100, 60, 82.5]: mean = 242.5/3 = 80.8333...; deviations 19.1667, -20.8333, 1.6667;
 #   squares 367.36 + 434.03 + 2.78 = 804.17; / (3-1) = 402.08; sqrt = 20.052
 # File lines: 1 header, 2-5 experts, 6-7 stage 1, 8-10 stage 2 (10 = video), 11-14 stage 3.
-HAND = f"""{HEADER}
-expert,o,,image,MSCOCO,caption,100
-expert,o,,image,VQA,qa,0.5
-expert,o,,video,V,caption,50
-expert,o,,audio,A,caption,10
-M,o,1,image,MSCOCO,caption,80
-M,o,1,image,VQA,qa,0.5
-M,o,2,image,MSCOCO,caption,60
-M,o,2,image,VQA,qa,0.3
-M,o,2,video,V,caption,40
-M,o,3,image,MSCOCO,caption,70
-M,o,3,image,VQA,qa,0.4
-M,o,3,video,V,caption,45
-M,o,3,audio,A,caption,5
-"""
 
 
-def write(tmp_path: Path, text: str, name: str = "scores.csv") -> Path:
-    path = tmp_path / name
-    path.write_text(text, encoding="utf-8")
-    return path
 
 
 def rows_of(text: str, source: str = "t.csv") -> list[ScoreRow]:

@@ -14,7 +14,7 @@ from mera.eval.metrics import read_scores, run_metrics
 from mera.eval.report import _stage_means, render_markdown, report_command, slug, write_report
 
 FIXTURE = Path(__file__).parent / "data" / "paper_sequential_scores.csv"
-HEADER = "method,order,stage,modality,dataset,task,score"
+from hand_tables import HAND, HEADER, write  # noqa: E402
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
 # Hand table (same as in test_metrics). Experts: image MSCOCO 100, image VQA 0.5, video V 50, audio A 10.
@@ -23,27 +23,8 @@ PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 #   stage 3: RG_img = (0.7 + 0.8)/2 = 75 (up from 60: marker); RG_vid = 45/50 = 90 (up from 80: marker);
 #            RG_aud = 5/10 = 50; BW = (75 + 90)/2 = 82.5 (up from 60: marker); FW = 50
 #   mean BW = (100 + 60 + 82.5)/3 = 80.83; sample std = 20.05
-HAND = f"""{HEADER}
-expert,o,,image,MSCOCO,caption,100
-expert,o,,image,VQA,qa,0.5
-expert,o,,video,V,caption,50
-expert,o,,audio,A,caption,10
-M,o,1,image,MSCOCO,caption,80
-M,o,1,image,VQA,qa,0.5
-M,o,2,image,MSCOCO,caption,60
-M,o,2,image,VQA,qa,0.3
-M,o,2,video,V,caption,40
-M,o,3,image,MSCOCO,caption,70
-M,o,3,image,VQA,qa,0.4
-M,o,3,video,V,caption,45
-M,o,3,audio,A,caption,5
-"""
 
 
-def write(tmp_path: Path, text: str, name: str = "scores.csv") -> Path:
-    path = tmp_path / name
-    path.write_text(text, encoding="utf-8")
-    return path
 
 
 def table_rows(markdown: str, heading: str) -> list[list[str]]:

@@ -1,0 +1,27 @@
+"""Scores tables shared by the metrics and report tests (the arithmetic is in test_metrics.py)."""
+
+from pathlib import Path
+
+HEADER = "method,order,stage,modality,dataset,task,score"
+
+HAND = f"""{HEADER}
+expert,o,,image,MSCOCO,caption,100
+expert,o,,image,VQA,qa,0.5
+expert,o,,video,V,caption,50
+expert,o,,audio,A,caption,10
+M,o,1,image,MSCOCO,caption,80
+M,o,1,image,VQA,qa,0.5
+M,o,2,image,MSCOCO,caption,60
+M,o,2,image,VQA,qa,0.3
+M,o,2,video,V,caption,40
+M,o,3,image,MSCOCO,caption,70
+M,o,3,image,VQA,qa,0.4
+M,o,3,video,V,caption,45
+M,o,3,audio,A,caption,5
+"""
+
+
+def write(tmp_path: Path, text: str, name: str = "scores.csv") -> Path:
+    path = tmp_path / name
+    path.write_text(text, encoding="utf-8")
+    return path
