@@ -199,3 +199,17 @@ def test_report_json_does_not_import_torch_or_matplotlib(tmp_path):
     )
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert json.loads(result.stdout)["last_stage_bw"]["MERA (10%)"] == pytest.approx(102.17, abs=0.005)
+
+
+def test_cli_report_json_and_malformed_file(tmp_path):
+    """`mera report --json` prints one JSON object; a malformed file is one line, exit 2, no traceback."""
+    ok = subprocess.run([sys.executable, "-m", "mera", "report", str(FIXTURE), "--json"],
+                        capture_output=True, text=True)
+    assert ok.returncode == 0, ok.stderr
+    obj = json.loads(ok.stdout)
+    assert abs(obj["last_stage_bw"]["MERA (10%)"] - 102.17) < 0.01
+    bad = write(tmp_path, HAND.replace("M,o,2,image,VQA,qa,0.3", "M,o,2,image,VQA,qa,zero"))
+    r = subprocess.run([sys.executable, "-m", "mera", "report", str(bad)], capture_output=True, text=True)
+    assert r.returncode == 2
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and str(bad) in lines[0] and "line 9" in lines[0] and "Traceback" not in r.stderr
