@@ -120,6 +120,10 @@ def main(argv: list[str] | None = None) -> int:
         args.overrides = list(args.overrides) + extra
     os.environ.setdefault("HF_HUB_OFFLINE", "1")  # never download at run time
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")  # no per-load "Loading weights" bars
+    import warnings
+
+    warnings.filterwarnings("ignore", category=FutureWarning, module=r"(transformers|peft)\b.*")
     try:
         return {"run": cmd_run, "report": cmd_report, "toy": cmd_toy}[args.command](args)
     except MeraError as e:

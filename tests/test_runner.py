@@ -189,3 +189,13 @@ def test_dry_run_lists_experts_and_stages(micro_run, tmp_path):
     assert "experts/image" in r.stdout and "experts/point" in r.stdout
     assert "2 experts, 4 stages" in r.stdout
     assert not (tmp_path / "x").exists()  # nothing trained or written
+
+
+def test_missing_model_folder_is_a_clear_error_and_writes_nothing(micro_run, tmp_path):
+    cfg_path, _, _ = micro_run
+    out = tmp_path / "never"
+    r = subprocess.run([sys.executable, "-m", "mera", "run", str(cfg_path), "--out", str(out),
+                        f"model.llm={tmp_path / 'no-such-llm'}"], capture_output=True, text=True)
+    assert r.returncode == 2 and "Traceback" not in r.stderr
+    assert "model.llm" in r.stderr and "no-such-llm" in r.stderr
+    assert not out.exists()

@@ -33,7 +33,7 @@ from mera.continual.strategies import StageContext, Strategy, build_strategy
 from mera.continual.strategies.finetune import FineTune
 from mera.data.format import Sample
 from mera.data.pipeline import FeatureProvider, ItemDataset, load_sets
-from mera.errors import ConfigError, MeraError
+from mera.errors import CheckpointError, ConfigError, MeraError
 from mera.io import write_text
 from mera.model.collate import MultimodalCollator
 from mera.run_config import MethodConfig, PhaseConfig, RunConfig
@@ -99,7 +99,8 @@ class Runner:
         return self.out / "experts" / modality
 
     # ------------------------------------------------------------------ set-up
-    def prepare_dir(self) -> None:
+    def prepare_dir(self, write: bool = True) -> None:
+        """Refuse an existing run without --resume, or a resume with another config; write config.yaml."""
         text = dump_config(self.cfg)
         cfg_file = self.out / "config.yaml"
         if cfg_file.exists():
@@ -110,7 +111,7 @@ class Runner:
             diff = flat_diff(old, yaml.safe_load(text))
             if diff:
                 raise ConfigError(f"{cfg_file}: the resumed config differs from the run's in: {', '.join(diff)}")
-        else:
+        elif write:
             self.out.mkdir(parents=True, exist_ok=True)
             write_text(cfg_file, text)
 
@@ -164,7 +165,14 @@ class Runner:
         self.sets = load_sets({m: set_paths[m] for m in self.cfg.model.branches}, self.cfg.data.max_test)
         self.llm_path = self.resolve(self.cfg.model.llm)
         tok_path = self.resolve(self.cfg.model.tokenizer) if self.cfg.model.tokenizer else self.llm_path
-        self.tokenizer = AutoTokenizer.from_pretrained(tok_path)
+        for key, p in (("model.llm", self.llm_path), ("model.tokenizer", tok_path)):
+            if not Path(p).is_dir():
+                raise ConfigError(f"{key}: {p} is not a folder (a local model folder is expected; "
+                                  "mera never downloads)")
+        try:
+            self.tokenizer = AutoTokenizer.from_pretrained(tok_path)
+        except (OSError, ValueError) as e:
+            raise CheckpointError(f"{tok_path}: cannot load the tokenizer ({e})") from None
         for m, b in self.cfg.model.branches.items():
             path = self.resolve(b.encoder.path) if b.encoder.path else None
             self.encoders[m] = load_encoder(b.encoder.family, path, **b.encoder.options)
@@ -185,7 +193,10 @@ class Runner:
         from mera.model.mllm import MultimodalLM
 
         dtype = getattr(torch, self.cfg.model.dtype)
-        llm = AutoModelForCausalLM.from_pretrained(self.llm_path, dtype=dtype)
+        try:
+            llm = AutoModelForCausalLM.from_pretrained(self.llm_path, dtype=dtype)
+        except (OSError, ValueError) as e:
+            raise CheckpointError(f"{self.llm_path}: cannot load the language model ({e})") from None
         llm.requires_grad_(False)
         return MultimodalLM(llm, self.tokenizer)
 
@@ -366,8 +377,9 @@ class Runner:
         return path
 
     def run(self) -> Path:
+        self.prepare_dir(write=False)  # fail fast, before any set-up work
+        self.setup()  # bad paths or files fail here, before the run directory exists
         self.prepare_dir()
-        self.setup()
         t0 = time.perf_counter()
         for m in self.plan()["experts"]:
             self.run_expert(m)

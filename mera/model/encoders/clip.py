@@ -91,7 +91,7 @@ class ClipVisionEncoder(nn.Module):
         if self.image_processor is not None:
             pixel = self.image_processor(images=image, return_tensors="pt")["pixel_values"][0]
             return pixel.float()
-        x = torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1).float().unsqueeze(0)
+        x = torch.from_numpy(np.array(image, copy=True)).permute(2, 0, 1).float().unsqueeze(0)
         if x.shape[-1] != self.image_size:
             x = F.interpolate(x, size=(self.image_size, self.image_size), mode="bicubic",
                               align_corners=False, antialias=True)

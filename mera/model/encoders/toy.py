@@ -72,7 +72,7 @@ class ToyImageEncoder(nn.Module):
         img = np.asarray(media)
         if img.dtype != np.uint8 or img.ndim != 3 or img.shape[2] != 3:
             raise DataError(f"toy_image: expected a uint8 (H, W, 3) image, got {img.dtype} {img.shape}")
-        x = torch.from_numpy(np.ascontiguousarray(img)).permute(2, 0, 1).float()
+        x = torch.from_numpy(np.array(img, copy=True)).permute(2, 0, 1).float()
         if x.shape[1:] != (self.image_size, self.image_size):
             x = F.interpolate(x[None], size=(self.image_size, self.image_size), mode="bilinear",
                               align_corners=False, antialias=True)[0]
