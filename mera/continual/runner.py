@@ -27,7 +27,7 @@ from pathlib import Path
 import torch
 import yaml
 
-from mera.config import dump_config
+from mera.config import dump_config, validate
 from mera.continual import checkpoint as ckpt
 from mera.continual.strategies import StageContext, Strategy, build_strategy
 from mera.continual.strategies.finetune import FineTune
@@ -138,9 +138,15 @@ class Runner:
         if self._uses_zoo():
             from mera.zoo.build import ZooConfig, build_zoo, zoo_paths
 
-            zcfg = ZooConfig(**(self.cfg.zoo or {}))
+            zcfg = validate(self.cfg.zoo or {}, ZooConfig, "config section 'zoo'")
             build_zoo(zcfg, force=False, progress=self.progress)
             self.zoo_paths = zoo_paths(zcfg)
+        self.llm_path = self.resolve(self.cfg.model.llm)
+        tok_path = self.tok_path = self.resolve(self.cfg.model.tokenizer) if self.cfg.model.tokenizer else self.llm_path
+        for key, p in (("model.llm", self.llm_path), ("model.tokenizer", tok_path)):
+            if not Path(p).is_dir():
+                raise ConfigError(f"{key}: {p} is not a folder (a local model folder is expected; "
+                                  "mera never downloads)")
         set_paths = {m: p.model_dump() for m, p in self.cfg.data.sets.items()}
         self.set_names = {m: (p.caption_name or f"{m}-caption", p.qa_name or f"{m}-qa")
                           for m, p in self.cfg.data.sets.items()}
@@ -148,7 +154,7 @@ class Runner:
             from mera.data.toy_world import ToyWorldConfig, write_world
             from mera.zoo.build import zoo_home
 
-            wcfg = ToyWorldConfig(**self.cfg.data.toy)
+            wcfg = validate(self.cfg.data.toy, ToyWorldConfig, "config section 'data.toy'")
             h = hashlib.sha256(wcfg.model_dump_json().encode()).hexdigest()[:12]
             paths = write_world(zoo_home(self.cfg.zoo) / "toy-data" / h, wcfg)
             for m in self.cfg.model.branches:
@@ -163,16 +169,10 @@ class Runner:
             p.pop("caption_name", None)
             p.pop("qa_name", None)
         self.sets = load_sets({m: set_paths[m] for m in self.cfg.model.branches}, self.cfg.data.max_test)
-        self.llm_path = self.resolve(self.cfg.model.llm)
-        tok_path = self.resolve(self.cfg.model.tokenizer) if self.cfg.model.tokenizer else self.llm_path
-        for key, p in (("model.llm", self.llm_path), ("model.tokenizer", tok_path)):
-            if not Path(p).is_dir():
-                raise ConfigError(f"{key}: {p} is not a folder (a local model folder is expected; "
-                                  "mera never downloads)")
         try:
-            self.tokenizer = AutoTokenizer.from_pretrained(tok_path)
+            self.tokenizer = AutoTokenizer.from_pretrained(self.tok_path)
         except (OSError, ValueError) as e:
-            raise CheckpointError(f"{tok_path}: cannot load the tokenizer ({e})") from None
+            raise CheckpointError(f"{self.tok_path}: cannot load the tokenizer ({e})") from None
         for m, b in self.cfg.model.branches.items():
             path = self.resolve(b.encoder.path) if b.encoder.path else None
             self.encoders[m] = load_encoder(b.encoder.family, path, **b.encoder.options)
