@@ -25,3 +25,15 @@ def write(tmp_path: Path, text: str, name: str = "scores.csv") -> Path:
     path = tmp_path / name
     path.write_text(text, encoding="utf-8")
     return path
+
+
+# The paper's Table 2, sequential column (METHOD.md section 5): method -> (mean, std) of backward RG, %.
+PAPER_TABLE2 = {
+    "Fine-Tuning": (59.76, 27.23),
+    "Replay (1%)": (66.09, 25.86),
+    "Replay (10%)": (77.52, 16.32),
+    "EWC": (74.93, 17.14),
+    "PathWeave": (86.85, 12.17),
+    "MERA (1%)": (97.90, 6.02),
+    "MERA (10%)": (101.00, 3.90),
+}

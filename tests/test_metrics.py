@@ -32,7 +32,7 @@ from mera.eval.metrics import (
 
 FIXTURE = Path(__file__).parent / "data" / "paper_sequential_scores.csv"
 HEADER = ",".join(COLUMNS)
-from hand_tables import HAND, write  # noqa: E402
+from hand_tables import HAND, PAPER_TABLE2, write  # noqa: E402
 
 # A hand table. Experts: image MSCOCO 100 (caption), image VQA 0.5 (qa), video V 50, audio A 10.
 # Run M / o:
@@ -55,15 +55,6 @@ def rows_of(text: str, source: str = "t.csv") -> list[ScoreRow]:
 # ----------------------------------------------------------------------------- the paper
 
 
-PAPER_TABLE2 = {
-    "Fine-Tuning": (59.76, 27.23),
-    "Replay (1%)": (66.09, 25.86),
-    "Replay (10%)": (77.52, 16.32),
-    "EWC": (74.93, 17.14),
-    "PathWeave": (86.85, 12.17),
-    "MERA (1%)": (97.90, 6.02),
-    "MERA (10%)": (101.00, 3.90),
-}
 
 
 def test_reproduces_paper_table2_sequential_column():
