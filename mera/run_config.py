@@ -15,7 +15,7 @@ from mera.config_base import StrictModel
 from mera.model.connectors import ConnectorConfig
 from mera.train.lora import LoraSettings
 
-STRATEGIES = ("finetune", "merge", "realign")
+STRATEGIES = ("finetune", "merge", "realign", "replay")
 
 
 class EncoderRef(StrictModel):
@@ -101,9 +101,9 @@ class TrainConfig(StrictModel):
 
 class MethodConfig(StrictModel):
     name: str
-    # composition of strategies: [finetune], [merge], [realign], [merge, realign] (MERA), ...
+    # composition of strategies: [finetune], [merge], [realign], [merge, realign] (MERA), [replay], ...
     strategies: list[str] = Field(default_factory=lambda: ["finetune"])
-    replay_ratio: float = 0.1  # r of realign (fraction of D_1..D_i)
+    replay_ratio: float = 0.1  # r of realign (share of D_1..D_i) and of replay (share of D_1..D_{i-1})
 
     @field_validator("strategies")
     @classmethod

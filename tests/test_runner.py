@@ -55,7 +55,8 @@ def micro_config(assets: Path, tmp_path: Path) -> Path:
         "data": {"toy": {"n_train_caption": 32, "n_train_qa": 64, "n_test_caption": 8, "n_test_qa": 16}},
         "orders": {"sequential": ["image", "point"]},
         "methods": [{"name": "Fine-Tuning", "strategies": ["finetune"]},
-                    {"name": "MERA (10%)", "strategies": ["merge", "realign"], "replay_ratio": 0.1}],
+                    {"name": "MERA (10%)", "strategies": ["merge", "realign"], "replay_ratio": 0.1},
+                    {"name": "Replay (10%)", "strategies": ["replay"], "replay_ratio": 0.1}],
         "train": {"align": {"epochs": 2, "batch_size": 8, "lr_connector": 1e-3},
                   "instruct": {"epochs": 3, "batch_size": 8, "micro_batch_size": 4, "lr_connector": 1e-3,
                                "lr_lora": 5e-3},
@@ -93,7 +94,7 @@ def test_run_directory_and_scores(micro_run):
     experts = [r for r in rows if r[0] == "expert"]
     # one expert per modality and data set, in the order's row set
     assert {(r[3], r[5]) for r in experts} == {("image", "caption"), ("image", "qa"), ("point", "caption"), ("point", "qa")}
-    for method in ("Fine-Tuning", "MERA (10%)"):
+    for method in ("Fine-Tuning", "MERA (10%)", "Replay (10%)"):
         st = [r for r in rows if r[0] == method]
         # stage 1: image only (2 sets); stage 2: image and point (4 sets)
         assert sorted((r[2], r[3]) for r in st) == sorted([("1", "image")] * 2 + [("2", "image")] * 2 + [("2", "point")] * 2)
@@ -137,6 +138,17 @@ def test_realign_changed_old_connector_but_finetune_did_not(micro_run):
     mera = ckpt.load_connectors(out / "sequential/mera-10/stage_2_point")["image"]
     assert all(torch.equal(exp[k], ft[k]) for k in exp)  # no old data in fine-tuning: old connector untouched
     assert any(not torch.equal(exp[k], mera[k]) for k in exp)  # realign trained it
+
+
+def test_replay_mixes_old_data_and_trains_old_connectors(micro_run):
+    _, _, out = micro_run
+    m = ckpt.read_manifest(out / "sequential/replay-10/stage_2_point")
+    assert m["deltas"][0]["coef"] == 1.0
+    assert m["log"]["replay"]["samples"] == 10  # 10% of the image set's 96 training samples
+    assert "realign" not in m["log"]
+    exp = ckpt.load_connectors(out / "experts/image")["image"]
+    rep = ckpt.load_connectors(out / "sequential/replay-10/stage_2_point")["image"]
+    assert any(not torch.equal(exp[k], rep[k]) for k in exp)  # replayed image samples trained it
 
 
 def test_loaded_stage_reproduces_its_predictions(micro_run):
@@ -187,7 +199,7 @@ def test_dry_run_lists_experts_and_stages(micro_run, tmp_path):
                        capture_output=True, text=True)
     assert r.returncode == 0, r.stderr
     assert "experts/image" in r.stdout and "experts/point" in r.stdout
-    assert "2 experts, 4 stages" in r.stdout
+    assert "2 experts, 6 stages" in r.stdout
     assert not (tmp_path / "x").exists()  # nothing trained or written
 
 

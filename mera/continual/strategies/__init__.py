@@ -4,6 +4,7 @@ from mera.continual.strategies.base import Composite, StageContext, Strategy
 from mera.continual.strategies.finetune import FineTune
 from mera.continual.strategies.merge import Merge
 from mera.continual.strategies.realign import Realign
+from mera.continual.strategies.replay import Replay
 
 
 def build_strategy(names: list[str], replay_ratio: float) -> Strategy:
@@ -11,6 +12,7 @@ def build_strategy(names: list[str], replay_ratio: float) -> Strategy:
         "finetune": lambda: FineTune(),
         "merge": lambda: Merge(),
         "realign": lambda: Realign(replay_ratio),
+        "replay": lambda: Replay(replay_ratio),
     }
     parts = [makers[n]() for n in names]
     return parts[0] if len(parts) == 1 else Composite(parts)
