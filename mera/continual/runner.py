@@ -251,7 +251,7 @@ class Runner:
         tc, m = self.cfg.train, ctx.modality
         self.add_branch(model, m)
         strategy.before_stage(ctx)
-        conn = list(model.branches[m].connector.parameters())
+        conn = model.connector_parameters(m)
         tag = f"{ctx.method} s{ctx.stage} {m}"
         # step A: align the new connector on captions
         res = self._phase(model, [{"params": conn, "lr": tc.align.lr_connector}], self.sets[m].caption_train,
@@ -279,7 +279,7 @@ class Runner:
     def realign(self, ctx: StageContext, samples: list[Sample]) -> PhaseResult:
         """Train every connector of the model on ``samples``; LLM and encoders frozen."""
         pc = self.cfg.train.realign
-        params = [p for b in ctx.model.branches.values() for p in b.connector.parameters()]
+        params = ctx.model.connector_parameters()
         return self._phase(ctx.model, [{"params": params, "lr": pc.lr_connector}], samples, pc,
                            seed_for(ctx.seed, "realign"), f"{ctx.method} s{ctx.stage} realign")
 

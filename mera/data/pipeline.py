@@ -7,9 +7,7 @@ computed once per run and reused by every expert, method, order and stage.
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 import torch
@@ -122,12 +120,3 @@ class ItemDataset(Dataset):
 
     def __getitem__(self, i):
         return self.provider.item(self.samples[i], self.with_answer)
-
-
-def steps_per_epoch(n: int, batch_size: int) -> int:
-    return max(1, math.ceil(n / batch_size))
-
-
-def resolve_relative(path: str, base: Path) -> str:
-    p = Path(path).expanduser()
-    return str(p if p.is_absolute() else (base / p))

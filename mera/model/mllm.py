@@ -136,9 +136,6 @@ class MultimodalLM(nn.Module):
         mods = self.modalities if modality is None else [modality]
         return [p for m in mods for p in self.branch(m).connector.parameters()]
 
-    def trainable_connector_params(self, modality: str) -> list[nn.Parameter]:
-        return [p for p in self.connector_parameters(modality) if p.requires_grad]
-
     # ------------------------------------------------------------------ embedding
 
     @torch.no_grad()

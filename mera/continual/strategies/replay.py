@@ -22,5 +22,5 @@ class Replay(Strategy):
         return samples
 
     def instruct_extra_params(self, ctx):
-        params = [p for m in ctx.seen[:-1] for p in ctx.model.branches[m].connector.parameters()]
+        params = [p for m in ctx.seen[:-1] for p in ctx.model.connector_parameters(m)]
         return [("old connectors", params)] if params else []
