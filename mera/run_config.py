@@ -15,7 +15,7 @@ from mera.config_base import StrictModel
 from mera.model.connectors import ConnectorConfig
 from mera.train.lora import LoraSettings
 
-STRATEGIES = ("finetune", "merge", "realign", "replay")
+STRATEGIES = ("finetune", "merge", "realign", "replay", "ewc")
 
 
 class EncoderRef(StrictModel):
@@ -104,6 +104,8 @@ class MethodConfig(StrictModel):
     # composition of strategies: [finetune], [merge], [realign], [merge, realign] (MERA), [replay], ...
     strategies: list[str] = Field(default_factory=lambda: ["finetune"])
     replay_ratio: float = 0.1  # r of realign (share of D_1..D_i) and of replay (share of D_1..D_{i-1})
+    ewc_lambda: float = 1.0  # lambda of online EWC
+    fisher_ratio: float = 0.01  # share of a stage's data on which EWC estimates the Fisher
 
     @field_validator("strategies")
     @classmethod

@@ -56,7 +56,8 @@ def micro_config(assets: Path, tmp_path: Path) -> Path:
         "orders": {"sequential": ["image", "point"]},
         "methods": [{"name": "Fine-Tuning", "strategies": ["finetune"]},
                     {"name": "MERA (10%)", "strategies": ["merge", "realign"], "replay_ratio": 0.1},
-                    {"name": "Replay (10%)", "strategies": ["replay"], "replay_ratio": 0.1}],
+                    {"name": "Replay (10%)", "strategies": ["replay"], "replay_ratio": 0.1},
+                    {"name": "EWC", "strategies": ["ewc"], "fisher_ratio": 0.05}],
         "train": {"align": {"epochs": 2, "batch_size": 8, "lr_connector": 1e-3},
                   "instruct": {"epochs": 3, "batch_size": 8, "micro_batch_size": 4, "lr_connector": 1e-3,
                                "lr_lora": 5e-3},
@@ -94,7 +95,7 @@ def test_run_directory_and_scores(micro_run):
     experts = [r for r in rows if r[0] == "expert"]
     # one expert per modality and data set, in the order's row set
     assert {(r[3], r[5]) for r in experts} == {("image", "caption"), ("image", "qa"), ("point", "caption"), ("point", "qa")}
-    for method in ("Fine-Tuning", "MERA (10%)", "Replay (10%)"):
+    for method in ("Fine-Tuning", "MERA (10%)", "Replay (10%)", "EWC"):
         st = [r for r in rows if r[0] == method]
         # stage 1: image only (2 sets); stage 2: image and point (4 sets)
         assert sorted((r[2], r[3]) for r in st) == sorted([("1", "image")] * 2 + [("2", "image")] * 2 + [("2", "point")] * 2)
@@ -151,13 +152,50 @@ def test_replay_mixes_old_data_and_trains_old_connectors(micro_run):
     assert any(not torch.equal(exp[k], rep[k]) for k in exp)  # replayed image samples trained it
 
 
+def test_ewc_continues_the_adapter_and_saves_fisher(micro_run):
+    from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM
+
+    from mera.train.lora import fold_lora
+
+    _, cfg, out = micro_run
+    folder = out / "sequential/ewc/stage_2_point"
+    m = ckpt.read_manifest(folder)
+    # the expert's adapter is taken out of the weights (-1) and continued; its result folded (+1)
+    assert [d["coef"] for d in m["deltas"]] == [-1.0, 1.0]
+    assert m["log"]["ewc"]["fisher_samples_image"] == 5 and m["log"]["ewc"]["fisher_samples_point"] == 5
+    fisher = load_file(str(folder / "strategy.safetensors"))
+    lora = load_file(str(folder / "lora_1.safetensors"))
+    assert len(fisher) == len(lora)  # one Fisher tensor per LoRA matrix
+    assert all((f >= 0).all() for f in fisher.values()) and any((f > 0).any() for f in fisher.values())
+    # so the LLM is the base plus the continued adapter alone
+    base = AutoModelForCausalLM.from_pretrained(cfg.model.llm)
+    ref = AutoModelForCausalLM.from_pretrained(cfg.model.llm)
+    ckpt.apply_stage_llm(base, folder)
+    fold_lora(ref, ckpt.load_deltas(folder)[1][0], 1.0)
+    sd, rsd = base.state_dict(), ref.state_dict()
+    assert max((sd[k] - rsd[k]).abs().max().item() for k in sd) < 1e-5
+
+
+def test_ewc_penalty_hand_computed():
+    from mera.continual.strategies.ewc import ewc_penalty
+
+    p = {"a": torch.tensor([1.0, 2.0]), "b": torch.tensor([[3.0]])}
+    anchor = {"a": torch.tensor([0.0, 2.0]), "b": torch.tensor([[1.0]])}
+    fisher = {"a": torch.tensor([0.5, 9.0]), "b": torch.tensor([[0.25]])}
+    # lambda/2 * (0.5 * 1^2 + 9 * 0^2 + 0.25 * 2^2) = 1/2 * (0.5 + 1.0) = 0.75
+    assert ewc_penalty(p, anchor, fisher, 1.0).item() == pytest.approx(0.75)
+    assert ewc_penalty(anchor, anchor, fisher, 1.0).item() == 0.0
+
+
 def test_loaded_stage_reproduces_its_predictions(micro_run):
     cfg_path, cfg, out = micro_run
     runner = Runner(cfg, out, config_dir=cfg_path.parent, resume=True, progress=False, log=lambda m: None)
     runner.setup()
     from mera.eval.evaluate import generate_answers
 
-    for stage in ("sequential/fine-tuning/stage_2_point", "sequential/mera-10/stage_2_point"):
+    for stage in ("sequential/fine-tuning/stage_2_point", "sequential/mera-10/stage_2_point",
+                  "sequential/ewc/stage_2_point"):
         folder = out / stage
         model = runner.load_stage(folder)
         saved = [json.loads(l) for l in (folder / "predictions.jsonl").read_text().splitlines()]
@@ -199,7 +237,7 @@ def test_dry_run_lists_experts_and_stages(micro_run, tmp_path):
                        capture_output=True, text=True)
     assert r.returncode == 0, r.stderr
     assert "experts/image" in r.stdout and "experts/point" in r.stdout
-    assert "2 experts, 6 stages" in r.stdout
+    assert "2 experts, 8 stages" in r.stdout
     assert not (tmp_path / "x").exists()  # nothing trained or written
 
 

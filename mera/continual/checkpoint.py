@@ -7,6 +7,7 @@ A stage folder holds
                              "connectors": "connectors.safetensors", "modalities": [...], ...}
     lora.safetensors        the stage's LoRA pairs (A, B per linear module), never a full LLM
     connectors.safetensors  every connector of the model after the stage ("<modality>.<param>")
+    strategy.safetensors    a strategy's state, when it has one (e.g. EWC's accumulated Fisher)
     scores.csv              the stage's evaluation rows
     DONE                    written last: the folder is complete only when it exists
 
@@ -56,6 +57,7 @@ def save_stage(
     parent: str | Path | None,
     deltas: list[tuple[LoraDelta, float]],
     connectors: dict[str, dict[str, torch.Tensor]],
+    tensors: dict[str, torch.Tensor] | None = None,
     info: dict | None = None,
 ) -> None:
     """Write the checkpoint files of a stage (not DONE: call :func:`mark_done` after the scores)."""
@@ -63,12 +65,14 @@ def save_stage(
     folder.mkdir(parents=True, exist_ok=True)
     entries = []
     for k, (delta, coef) in enumerate(deltas):
-        tensors, scalings = lora_to_tensors(delta)
+        pairs, scalings = lora_to_tensors(delta)
         name = "lora.safetensors" if k == 0 else f"lora_{k}.safetensors"
-        save_tensors(folder / name, tensors)
+        save_tensors(folder / name, pairs)
         entries.append({"file": name, "coef": float(coef), "scalings": scalings})
     flat = {f"{m}.{k}": v for m, sd in connectors.items() for k, v in sd.items()}
     save_tensors(folder / "connectors.safetensors", flat)
+    if tensors:  # a strategy's state (e.g. EWC's accumulated Fisher)
+        save_tensors(folder / "strategy.safetensors", tensors)
     rel_parent = None
     if parent is not None:
         rel_parent = str(Path(_relpath(Path(parent), folder)))
@@ -138,6 +142,11 @@ def apply_stage_llm(llm, folder: str | Path) -> None:
     for f in chain(folder):
         for delta, coef in load_deltas(f):
             fold_lora(llm, delta, coef)
+
+
+def load_strategy_tensors(folder: str | Path) -> dict[str, torch.Tensor]:
+    path = Path(folder) / "strategy.safetensors"
+    return load_tensors(path) if path.is_file() else {}
 
 
 def load_connectors(folder: str | Path) -> dict[str, dict[str, torch.Tensor]]:

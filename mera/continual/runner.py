@@ -38,7 +38,7 @@ from mera.io import write_text
 from mera.model.collate import MultimodalCollator
 from mera.run_config import MethodConfig, PhaseConfig, RunConfig
 from mera.train.loop import PhaseResult, train_phase
-from mera.train.lora import attach_lora, detach_lora, extract_lora, fold_lora
+from mera.train.lora import attach_lora, detach_lora, extract_lora, fold_lora, load_lora
 
 SCORE_COLUMNS = ["method", "order", "stage", "modality", "dataset", "task", "score"]
 
@@ -247,7 +247,10 @@ class Runner:
         return res
 
     def train_modality(self, model, ctx: StageContext, strategy: Strategy):
-        """The standard two steps on the new modality, then the merge coefficient. Returns the delta."""
+        """The standard two steps on the new modality, then the fold of the LLM delta.
+
+        Returns the list of (LoRA delta, coefficient) folded into the LLM, in folding order.
+        """
         tc, m = self.cfg.train, ctx.modality
         self.add_branch(model, m)
         strategy.before_stage(ctx)
@@ -258,7 +261,16 @@ class Runner:
                           tc.align, seed_for(ctx.seed, "align"), f"{tag} align")
         ctx.log["align"] = _phase_log(res)
         # step B: instruct (new connector + LoRA; strategies may add data, parameters, a loss term)
+        deltas = []
+        cont = strategy.continue_lora(ctx)  # a strategy may continue the previous stage's adapter (EWC)
+        if cont is not None:
+            prev, prev_coef = cont
+            fold_lora(model.llm, prev, -prev_coef)  # take it out of the weights, train it as an adapter again
+            deltas.append((prev, -prev_coef))
         model.llm = attach_lora(model.llm, tc.lora, seed_for(ctx.seed, "lora"))
+        if cont is not None:
+            load_lora(model.llm, cont[0])
+        strategy.before_instruct(ctx)
         lora_params = [p for n, p in model.llm.named_parameters() if "lora_" in n]
         groups = [{"params": conn, "lr": tc.instruct.lr_connector},
                   {"params": lora_params, "lr": tc.instruct.lr_lora or tc.instruct.lr_connector}]
@@ -268,13 +280,19 @@ class Runner:
         res = self._phase(model, groups, data, tc.instruct, seed_for(ctx.seed, "instruct"), f"{tag} instruct",
                           extra_loss=strategy.extra_loss(ctx))
         ctx.log["instruct"] = _phase_log(res)
+        strategy.after_instruct(ctx)
         delta = extract_lora(model.llm)
         model.llm = detach_lora(model.llm)
         coef = strategy.merge_coefficient(ctx)
         coef = 1.0 if coef is None else coef
         fold_lora(model.llm, delta, coef)
+        deltas.append((delta, coef))
         ctx.log["merge_coef"] = coef
-        return delta, coef
+        return deltas
+
+    def lora_params(self, model) -> dict[str, torch.nn.Parameter]:
+        """The trainable LoRA parameters of the (peft-wrapped) LLM, by name."""
+        return {n: p for n, p in model.llm.named_parameters() if "lora_" in n}
 
     def realign(self, ctx: StageContext, samples: list[Sample]) -> PhaseResult:
         """Train every connector of the model on ``samples``; LLM and encoders frozen."""
@@ -312,8 +330,8 @@ class Runner:
         model = self.base_model()
         ctx = StageContext(self, model, order="-", method="expert", stage=1, modality=modality, seen=[modality],
                            seed=seed_for(self.cfg.seed, "expert", modality))
-        delta, coef = self.train_modality(model, ctx, FineTune())
-        ckpt.save_stage(folder, parent=None, deltas=[(delta, coef)], connectors=self.connector_states(model),
+        deltas = self.train_modality(model, ctx, FineTune())
+        ckpt.save_stage(folder, parent=None, deltas=deltas, connectors=self.connector_states(model),
                         info={"kind": "expert", "modality": modality, "log": ctx.log})
         rows = self.evaluate(model, [modality], folder)
         _write_rows(folder / "scores.csv", [{"method": "expert", "order": "", "stage": "", **r} for r in rows])
@@ -322,7 +340,7 @@ class Runner:
 
     def run_method(self, order_name: str, method: MethodConfig) -> None:
         order = self.cfg.orders[order_name]
-        strategy = build_strategy(method.strategies, method.replay_ratio)
+        strategy = build_strategy(method.strategies, method.replay_ratio, method.ewc_lambda, method.fisher_ratio)
         model = None
         for i, m in enumerate(order, 1):
             folder = self.stage_dir(order_name, method, i, m)
@@ -343,11 +361,12 @@ class Runner:
                 model = self.load_stage(folder) if len(order) > 1 else None
             else:
                 ctx = StageContext(self, model, order=order_name, method=method.name, stage=i, modality=m,
-                                   seen=order[:i], seed=seed_for(self.cfg.seed, order_name, method.name, i))
-                delta, coef = self.train_modality(model, ctx, strategy)
+                                   seen=order[:i], seed=seed_for(self.cfg.seed, order_name, method.name, i),
+                                   parent=prev)
+                deltas = self.train_modality(model, ctx, strategy)
                 strategy.after_stage(ctx)
-                ckpt.save_stage(folder, parent=prev, deltas=[(delta, coef)],
-                                connectors=self.connector_states(model),
+                ckpt.save_stage(folder, parent=prev, deltas=deltas, connectors=self.connector_states(model),
+                                tensors=ctx.tensors,
                                 info={"kind": "stage", "stage": i, "modality": m, "log": ctx.log})
                 rows = self.evaluate(model, order[:i], folder)
             rows = [{**r, "method": method.name, "order": order_name, "stage": i} for r in rows]

@@ -61,6 +61,20 @@ def extract_lora(peft_model, adapter: str = "default") -> LoraDelta:
     return out
 
 
+@torch.no_grad()
+def load_lora(peft_model, delta: LoraDelta, adapter: str = "default") -> None:
+    """Set the attached adapter's A and B to those of ``delta`` (same modules, same rank)."""
+    found = 0
+    for name, module in peft_model.named_modules():
+        if isinstance(module, LoraLayer) and adapter in module.lora_A:
+            d = delta[_base_name(name)]
+            module.lora_A[adapter].weight.copy_(d["A"])
+            module.lora_B[adapter].weight.copy_(d["B"])
+            found += 1
+    if found != len(delta):
+        raise KeyError(f"the adapter has {found} LoRA modules, the delta {len(delta)}")
+
+
 def detach_lora(peft_model):
     """Remove the adapter without merging it; returns the plain base LLM."""
     return peft_model.unload()

@@ -12,6 +12,8 @@ from typing import TYPE_CHECKING, Callable
 import torch
 
 if TYPE_CHECKING:  # pragma: no cover
+    from pathlib import Path
+
     from mera.continual.runner import Runner
     from mera.data.format import Sample
     from mera.model.mllm import MultimodalLM
@@ -27,7 +29,9 @@ class StageContext:
     modality: str  # the modality learned at this stage
     seen: list[str]  # modalities up to and including this stage, in order
     seed: int
+    parent: "Path | None" = None  # the previous stage's folder (None for an expert)
     log: dict = field(default_factory=dict)  # what the hooks did (goes into the stage manifest)
+    tensors: dict = field(default_factory=dict)  # a strategy's state, saved as strategy.safetensors
 
 
 class Strategy:
@@ -37,6 +41,16 @@ class Strategy:
 
     def before_stage(self, ctx: StageContext) -> None:
         """Called after the new branch is added, before step A (align)."""
+
+    def continue_lora(self, ctx: StageContext):
+        """(delta, coef) of the previous stage's adapter to continue in step B instead of a fresh one."""
+        return None
+
+    def before_instruct(self, ctx: StageContext) -> None:
+        """Called with the LoRA adapter attached, before step B."""
+
+    def after_instruct(self, ctx: StageContext) -> None:
+        """Called with the trained LoRA adapter still attached, after step B."""
 
     def instruct_extra_data(self, ctx: StageContext) -> list["Sample"]:
         """Extra samples mixed into step B (e.g. replay of old modalities)."""
@@ -68,6 +82,20 @@ class Composite(Strategy):
     def before_stage(self, ctx):
         for p in self.parts:
             p.before_stage(ctx)
+
+    def continue_lora(self, ctx):
+        conts = [c for c in (p.continue_lora(ctx) for p in self.parts) if c is not None]
+        if len(conts) > 1:
+            raise ValueError(f"strategies {self.name}: only one may continue the adapter")
+        return conts[0] if conts else None
+
+    def before_instruct(self, ctx):
+        for p in self.parts:
+            p.before_instruct(ctx)
+
+    def after_instruct(self, ctx):
+        for p in self.parts:
+            p.after_instruct(ctx)
 
     def instruct_extra_data(self, ctx):
         return [s for p in self.parts for s in p.instruct_extra_data(ctx)]
