@@ -15,7 +15,7 @@ from mera.config_base import StrictModel
 from mera.model.connectors import ConnectorConfig
 from mera.train.lora import LoraSettings
 
-STRATEGIES = ("finetune", "merge", "realign", "replay", "ewc")
+STRATEGIES = ("finetune", "merge", "realign", "replay", "ewc", "pathweave")
 
 
 class EncoderRef(StrictModel):
@@ -106,6 +106,8 @@ class MethodConfig(StrictModel):
     replay_ratio: float = 0.1  # r of realign (share of D_1..D_i) and of replay (share of D_1..D_{i-1})
     ewc_lambda: float = 1.0  # lambda of online EWC
     fisher_ratio: float = 0.01  # share of a stage's data on which EWC estimates the Fisher
+    realign_ratio: float | None = None  # r of realign when it differs from replay's (None: replay_ratio)
+    pathweave_in_rank: int = 8  # rank of PathWeave's in-adapters (its adapters use train.lora's rank)
 
     @field_validator("strategies")
     @classmethod
@@ -115,11 +117,18 @@ class MethodConfig(StrictModel):
                 raise ValueError(f"unknown strategy {s!r}; known: {', '.join(STRATEGIES)}")
         return v
 
-    @field_validator("replay_ratio")
+    @field_validator("replay_ratio", "realign_ratio")
     @classmethod
-    def _ratio(cls, v):
-        if not 0 < v <= 1:
-            raise ValueError("replay_ratio must be in (0, 1]")
+    def _ratio(cls, v, info):
+        if v is not None and not 0 < v <= 1:
+            raise ValueError(f"{info.field_name} must be in (0, 1] (a share: 0.1 is 10%)")
+        return v
+
+    @field_validator("pathweave_in_rank")
+    @classmethod
+    def _rank(cls, v):
+        if v < 1:
+            raise ValueError("pathweave_in_rank must be >= 1")
         return v
 
 

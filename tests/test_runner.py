@@ -57,7 +57,8 @@ def micro_config(assets: Path, tmp_path: Path) -> Path:
         "methods": [{"name": "Fine-Tuning", "strategies": ["finetune"]},
                     {"name": "MERA (10%)", "strategies": ["merge", "realign"], "replay_ratio": 0.1},
                     {"name": "Replay (10%)", "strategies": ["replay"], "replay_ratio": 0.1},
-                    {"name": "EWC", "strategies": ["ewc"], "fisher_ratio": 0.05}],
+                    {"name": "EWC", "strategies": ["ewc"], "fisher_ratio": 0.05},
+                    {"name": "PathWeave", "strategies": ["pathweave"], "pathweave_in_rank": 2}],
         "train": {"align": {"epochs": 2, "batch_size": 8, "lr_connector": 1e-3},
                   "instruct": {"epochs": 3, "batch_size": 8, "micro_batch_size": 4, "lr_connector": 1e-3,
                                "lr_lora": 5e-3},
@@ -95,7 +96,7 @@ def test_run_directory_and_scores(micro_run):
     experts = [r for r in rows if r[0] == "expert"]
     # one expert per modality and data set, in the order's row set
     assert {(r[3], r[5]) for r in experts} == {("image", "caption"), ("image", "qa"), ("point", "caption"), ("point", "qa")}
-    for method in ("Fine-Tuning", "MERA (10%)", "Replay (10%)", "EWC"):
+    for method in ("Fine-Tuning", "MERA (10%)", "Replay (10%)", "EWC", "PathWeave"):
         st = [r for r in rows if r[0] == method]
         # stage 1: image only (2 sets); stage 2: image and point (4 sets)
         assert sorted((r[2], r[3]) for r in st) == sorted([("1", "image")] * 2 + [("2", "image")] * 2 + [("2", "point")] * 2)
@@ -188,6 +189,55 @@ def test_ewc_penalty_hand_computed():
     assert ewc_penalty(anchor, anchor, fisher, 1.0).item() == 0.0
 
 
+def test_pathweave_keeps_the_expert_adapter_and_its_modules(micro_run):
+    from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM
+
+    _, cfg, out = micro_run
+    folder = out / "sequential/pathweave/stage_2_point"
+    m = ckpt.read_manifest(folder)
+    # the expert's adapter is taken out of the weights: the LLM under the adapters is the base LLM
+    assert [d["coef"] for d in m["deltas"]] == [-1.0]
+    base = AutoModelForCausalLM.from_pretrained(cfg.model.llm)
+    rebuilt = AutoModelForCausalLM.from_pretrained(cfg.model.llm)
+    ckpt.apply_stage_llm(rebuilt, folder)
+    sd, rsd = base.state_dict(), rebuilt.state_dict()
+    assert max((sd[k] - rsd[k]).abs().max().item() for k in sd) < 1e-5
+    layout = m["llm_modules"]
+    assert layout["kind"] == "pathweave" and layout["num_adapters"] == 2 and layout["inner"] == ["0_1"]
+    linear = [n for n, mod in base.named_modules() if isinstance(mod, torch.nn.Linear) and n != "lm_head"]
+    assert layout["modules"] == sorted(linear)
+    # adapter 0 is the image expert's LoRA, unchanged by the point stage's training
+    expert = ckpt.load_deltas(out / "experts/image")[0][0]
+    state = load_file(str(folder / "strategy.safetensors"))
+    for name in linear:
+        assert torch.equal(state[f"pathweave.{name}.down.0.weight"], expert[name]["A"])
+        assert torch.equal(state[f"pathweave.{name}.up.0.weight"], expert[name]["B"])
+    # the new adapter, its in-adapter and the gate did train
+    assert any(state[f"pathweave.{n}.up.1.weight"].abs().max() > 0 for n in linear)
+    assert any(state[f"pathweave.{n}.inner.0_1.1.weight"].abs().max() > 0 for n in linear)
+    assert any(state[f"pathweave.{n}.gate.weight"].abs().max() > 0 for n in linear)
+
+
+def test_realign_changes_only_connector_weights(micro_run):
+    from mera.continual.strategies import StageContext
+    from mera.continual.strategies.realign import Realign
+
+    cfg_path, cfg, out = micro_run
+    runner = Runner(cfg, out, config_dir=cfg_path.parent, resume=True, progress=False, log=lambda m: None)
+    runner.setup()
+    model = runner.load_stage(out / "sequential/fine-tuning/stage_2_point")
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    ctx = StageContext(runner, model, order="sequential", method="x", stage=2, modality="point",
+                       seen=["image", "point"], seed=3)
+    Realign(0.1).after_stage(ctx)
+    after = model.state_dict()
+    changed = {k for k in before if not torch.equal(before[k], after[k])}
+    assert changed and all(k.startswith("branches.") and k.split(".")[2] == "connector" for k in changed)
+    # both connectors moved (the replay set holds both modalities); encoders and LLM did not
+    assert {k.split(".")[1] for k in changed} == {"image", "point"}
+
+
 def test_loaded_stage_reproduces_its_predictions(micro_run):
     cfg_path, cfg, out = micro_run
     runner = Runner(cfg, out, config_dir=cfg_path.parent, resume=True, progress=False, log=lambda m: None)
@@ -195,7 +245,7 @@ def test_loaded_stage_reproduces_its_predictions(micro_run):
     from mera.eval.evaluate import generate_answers
 
     for stage in ("sequential/fine-tuning/stage_2_point", "sequential/mera-10/stage_2_point",
-                  "sequential/ewc/stage_2_point"):
+                  "sequential/ewc/stage_2_point", "sequential/pathweave/stage_2_point"):
         folder = out / stage
         model = runner.load_stage(folder)
         saved = [json.loads(l) for l in (folder / "predictions.jsonl").read_text().splitlines()]
@@ -237,7 +287,7 @@ def test_dry_run_lists_experts_and_stages(micro_run, tmp_path):
                        capture_output=True, text=True)
     assert r.returncode == 0, r.stderr
     assert "experts/image" in r.stdout and "experts/point" in r.stdout
-    assert "2 experts, 8 stages" in r.stdout
+    assert "2 experts, 10 stages" in r.stdout
     assert not (tmp_path / "x").exists()  # nothing trained or written
 
 

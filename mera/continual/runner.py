@@ -220,6 +220,13 @@ class Runner:
         """Rebuild the model of a finished stage from its checkpoint chain."""
         model = self.base_model()
         ckpt.apply_stage_llm(model.llm, folder)
+        layout = ckpt.read_manifest(folder).get("llm_modules")
+        if layout:
+            if layout.get("kind") != "pathweave":
+                raise CheckpointError(f"{folder}: unknown LLM modules {layout.get('kind')!r} in the manifest")
+            from mera.continual.strategies.pathweave import install_from_state
+
+            install_from_state(model.llm, layout, ckpt.load_strategy_tensors(folder))
         for m, state in ckpt.load_connectors(folder).items():
             self.add_branch(model, m, state)
         return model
@@ -261,6 +268,19 @@ class Runner:
                           tc.align, seed_for(ctx.seed, "align"), f"{tag} align")
         ctx.log["align"] = _phase_log(res)
         # step B: instruct (new connector + LoRA; strategies may add data, parameters, a loss term)
+        own = strategy.llm_params(ctx)
+        if own is not None:  # a strategy with its own LLM modules (PathWeave) instead of a LoRA
+            strategy.before_instruct(ctx)
+            groups = [{"params": conn, "lr": tc.instruct.lr_connector},
+                      {"params": own, "lr": tc.instruct.lr_lora or tc.instruct.lr_connector}]
+            for _name, params in strategy.instruct_extra_params(ctx):
+                groups.append({"params": params, "lr": tc.instruct.lr_connector})
+            data = self.sets[m].train + strategy.instruct_extra_data(ctx)
+            res = self._phase(model, groups, data, tc.instruct, seed_for(ctx.seed, "instruct"), f"{tag} instruct",
+                              extra_loss=strategy.extra_loss(ctx))
+            ctx.log["instruct"] = _phase_log(res)
+            strategy.after_instruct(ctx)
+            return list(ctx.llm_deltas)
         deltas = []
         cont = strategy.continue_lora(ctx)  # a strategy may continue the previous stage's adapter (EWC)
         if cont is not None:
@@ -340,7 +360,8 @@ class Runner:
 
     def run_method(self, order_name: str, method: MethodConfig) -> None:
         order = self.cfg.orders[order_name]
-        strategy = build_strategy(method.strategies, method.replay_ratio, method.ewc_lambda, method.fisher_ratio)
+        strategy = build_strategy(method.strategies, method.replay_ratio, method.ewc_lambda, method.fisher_ratio,
+                                  method.realign_ratio, method.pathweave_in_rank)
         model = None
         for i, m in enumerate(order, 1):
             folder = self.stage_dir(order_name, method, i, m)
@@ -367,7 +388,8 @@ class Runner:
                 strategy.after_stage(ctx)
                 ckpt.save_stage(folder, parent=prev, deltas=deltas, connectors=self.connector_states(model),
                                 tensors=ctx.tensors,
-                                info={"kind": "stage", "stage": i, "modality": m, "log": ctx.log})
+                                info={"kind": "stage", "stage": i, "modality": m, "log": ctx.log,
+                                      **({"llm_modules": ctx.llm_modules} if ctx.llm_modules else {})})
                 rows = self.evaluate(model, order[:i], folder)
             rows = [{**r, "method": method.name, "order": order_name, "stage": i} for r in rows]
             _write_rows(folder / "scores.csv", rows)

@@ -32,6 +32,10 @@ class StageContext:
     parent: "Path | None" = None  # the previous stage's folder (None for an expert)
     log: dict = field(default_factory=dict)  # what the hooks did (goes into the stage manifest)
     tensors: dict = field(default_factory=dict)  # a strategy's state, saved as strategy.safetensors
+    # what a strategy that trains its own LLM modules (llm_params) changed in the LLM's weights,
+    # as (LoRA delta, coefficient) pairs, and the layout of its modules (rebuilt on load)
+    llm_deltas: list = field(default_factory=list)
+    llm_modules: dict | None = None
 
 
 class Strategy:
@@ -44,6 +48,16 @@ class Strategy:
 
     def continue_lora(self, ctx: StageContext):
         """(delta, coef) of the previous stage's adapter to continue in step B instead of a fresh one."""
+        return None
+
+    def llm_params(self, ctx: StageContext) -> list[torch.nn.Parameter] | None:
+        """The LLM parameters step B trains, for a strategy with its own LLM modules (PathWeave).
+
+        None (the default): a fresh LoRA adapter (or the one ``continue_lora`` returns) is
+        attached, trained and folded. Otherwise no LoRA is used; the strategy records any
+        change it makes to the LLM's weights in ``ctx.llm_deltas`` and its modules' layout in
+        ``ctx.llm_modules`` (their weights in ``ctx.tensors``).
+        """
         return None
 
     def before_instruct(self, ctx: StageContext) -> None:
@@ -88,6 +102,12 @@ class Composite(Strategy):
         if len(conts) > 1:
             raise ValueError(f"strategies {self.name}: only one may continue the adapter")
         return conts[0] if conts else None
+
+    def llm_params(self, ctx):
+        own = [(p.name, r) for p, r in ((p, p.llm_params(ctx)) for p in self.parts) if r is not None]
+        if len(own) > 1:
+            raise ValueError(f"strategies {self.name}: only one may train its own LLM modules")
+        return own[0][1] if own else None
 
     def before_instruct(self, ctx):
         for p in self.parts:
