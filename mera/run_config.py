@@ -135,7 +135,10 @@ class MethodConfig(StrictModel):
 class EvalConfig(StrictModel):
     batch_size: int = 32
     max_new_tokens: int = 32
-    judge: str = "exact_match"
+    judge: str = "exact_match"  # exact_match | openai | local_llm (see mera.eval.llm_judge)
+    # options of the judge, e.g. {model: gpt-4o-mini, base_url: ..., api_key_env: OPENAI_API_KEY};
+    # keys themselves are read from the environment only, never from a config
+    judge_options: dict = Field(default_factory=dict)
 
 
 class RunConfig(StrictModel):

@@ -205,3 +205,59 @@ def test_cli_report_json_and_malformed_file(tmp_path):
     assert r.returncode == 2
     lines = r.stderr.strip().splitlines()
     assert len(lines) == 1 and str(bad) in lines[0] and "line 9" in lines[0] and "Traceback" not in r.stderr
+
+
+def _ablation_table(tmp_path):
+    """Two stages (image, video); each method's stage-2 image scores give its backward RG."""
+    rows = [HEADER, "expert,o,,image,MSCOCO,caption,100", "expert,o,,image,VQA,qa,0.5", "expert,o,,video,V,caption,50"]
+    # stage-2 image RG = mean(caption / 100, qa / 0.5) in %
+    stage2 = {"Fine-Tuning": (60, 0.3), "Realign only": (80, 0.4), "Replay": (70, 0.35),
+              "Replay + Realign": (90, 0.45), "Merge only": (90, 0.45), "MERA (10%)": (100, 0.5)}
+    for m, (cap, qa) in stage2.items():
+        rows += [f"{m},o,1,image,MSCOCO,caption,100", f"{m},o,1,image,VQA,qa,0.5",
+                 f"{m},o,2,image,MSCOCO,caption,{cap}", f"{m},o,2,image,VQA,qa,{qa}", f"{m},o,2,video,V,caption,40"]
+    return write(tmp_path, "\n".join(rows) + "\n")
+
+
+def test_realign_pairs_and_ablation_rows():
+    from mera.eval.report import ablation_rows, realign_pairs
+
+    methods = ["Fine-Tuning", "Realign only", "Replay (1%)", "replay (1%)+realign", "EWC", "Merge only", "MERA (10%)"]
+    assert realign_pairs(methods) == [("Fine-Tuning", "Realign only"), ("Replay (1%)", "replay (1%)+realign")]
+    assert ablation_rows(methods) == [("Fine-Tuning", False, False), ("Realign only", False, True),
+                                      ("Merge only", True, False), ("MERA (10%)", True, True)]
+    assert ablation_rows(["Fine-Tuning", "MERA (10%)"]) == []  # no ablation ran: no table
+
+
+def test_ablation_and_realign_tables_hand_computed(tmp_path):
+    from mera.eval.report import write_report
+
+    path = _ablation_table(tmp_path)
+    eff = {"Fine-Tuning": {"train_seconds": 12.345, "train_peak_mib": 700.4, "infer_ms_per_token": 1.234,
+                           "infer_peak_mib": 650.0, "llm_params_m": 1.5, "memory_kind": "rss"}}
+    write_report([str(path)], tmp_path / "r", efficiency=eff)
+    md = (tmp_path / "r" / "report.md").read_text()
+    # FT: BW = (100, 60) -> 80 +- 28.28; realign only: (100, 80) -> 90 +- 14.14: +10.00 / -14.14
+    assert "| Fine-Tuning | Realign only | +10.00 / -14.14 |" in md
+    # Replay: (100, 70) -> 85 +- 21.21; + realign: (100, 90) -> 95 +- 7.07
+    assert "| Replay | Replay + Realign | +10.00 / -14.14 |" in md
+    assert "| Merge only | \u2713 | \u2717 | 95.00 \u00b1 7.07 | 90.00 |" in md
+    assert "| MERA (10%) | \u2713 | \u2713 | 100.00 \u00b1 0.00 | 100.00 |" in md
+    assert "| Fine-Tuning | 12.3 | 700 | 1.23 | 650 | 1.500 |" in md
+    assert "process peak RSS" in md
+
+
+def test_report_command_reads_efficiency_next_to_scores(tmp_path, capsys):
+    import json
+
+    from mera.errors import DataError
+    from mera.eval.report import report_command
+
+    path = _ablation_table(tmp_path)
+    (tmp_path / "efficiency.json").write_text(json.dumps({"MERA (10%)": {"train_seconds": 3.0, "memory_kind": "cuda"}}))
+    report_command([str(path)])
+    out = capsys.readouterr().out
+    assert "| MERA (10%) | 3.0 | \u2013 |" in out and "GPU peak allocated" in out
+    (tmp_path / "efficiency.json").write_text("[1, 2]")
+    with pytest.raises(DataError, match="efficiency.json"):
+        report_command([str(path)])

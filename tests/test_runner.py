@@ -299,3 +299,26 @@ def test_missing_model_folder_is_a_clear_error_and_writes_nothing(micro_run, tmp
     assert r.returncode == 2 and "Traceback" not in r.stderr
     assert "model.llm" in r.stderr and "no-such-llm" in r.stderr
     assert not out.exists()
+
+
+def test_efficiency_table_and_pathweave_inference_overhead(micro_run):
+    _, cfg, out = micro_run
+    eff = json.loads((out / "efficiency.json").read_text())
+    assert list(eff) == [m.name for m in cfg.methods]
+    for name, e in eff.items():
+        assert e["train_seconds"] > 0 and e["train_peak_mib"] > 0 and e["infer_ms_per_token"] > 0, name
+    prof = json.loads((out / "sequential/pathweave/stage_2_point/profile.json").read_text())
+    assert prof["samples"] == 4 and prof["tokens"] == 4 * cfg.eval.max_new_tokens  # fixed length, batch 1
+    # MERA's final model has the plain LLM's size; PathWeave keeps two adapters and gates per linear module
+    assert eff["MERA (10%)"]["llm_params_m"] == eff["Fine-Tuning"]["llm_params_m"]
+    from transformers import AutoModelForCausalLM
+
+    llm = AutoModelForCausalLM.from_pretrained(cfg.model.llm)
+    extra = 0
+    for n, m in llm.named_modules():
+        if isinstance(m, torch.nn.Linear) and n != "lm_head":
+            r, i, o = 4, m.in_features, m.out_features
+            extra += 2 * (r * i + o * r) + 2 * i + (2 * r + 2 * r)  # adapters, gate (2 x in), in-adapter (r->2->r)
+    assert eff["PathWeave"]["llm_params_m"] * 1e6 == pytest.approx(eff["Fine-Tuning"]["llm_params_m"] * 1e6 + extra)
+    md = (out / "report.md").read_text()
+    assert "## Efficiency" in md and "| PathWeave |" in md

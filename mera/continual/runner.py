@@ -179,7 +179,7 @@ class Runner:
         self.provider = FeatureProvider(self.encoders, cache=self.cfg.train.cache_features, progress=self.progress)
         from mera.eval.judges import get_judge
 
-        self.judge = get_judge(self.cfg.eval.judge)
+        self.judge = get_judge(self.cfg.eval.judge, **self.cfg.eval.judge_options)
 
     def _uses_zoo(self) -> bool:
         refs = [self.cfg.model.llm, self.cfg.model.tokenizer or ""]
@@ -321,6 +321,54 @@ class Runner:
         return self._phase(ctx.model, [{"params": params, "lr": pc.lr_connector}], samples, pc,
                            seed_for(ctx.seed, "realign"), f"{ctx.method} s{ctx.stage} realign")
 
+    # ------------------------------------------------------------------ costs
+    def cost(self):
+        """Wall time and peak memory of a stage's training (see mera.eval.profile.PeakMemory)."""
+        return _Cost()
+
+    def profile(self, model, modalities: list[str], folder: Path) -> dict:
+        """Inference cost of a final model (batch 1, 2 test prompts per modality): ``profile.json``."""
+        from mera.eval.profile import profile_inference
+
+        samples = [s for m in modalities for s in (self.sets[m].caption_test[:1] + self.sets[m].qa_test[:1])]
+        prof = profile_inference(model, self.tokenizer, samples, self.provider,
+                                 new_tokens=self.cfg.eval.max_new_tokens)
+        write_text(folder / "profile.json", json.dumps(prof, indent=2) + "\n")
+        self.log(f"    inference: {prof['ms_per_token']:.2f} ms/token (batch 1), peak {prof['peak_mib']:.0f} MiB "
+                 f"({prof['memory_kind']}), LLM {prof['llm_params_m']:.2f}M parameters")
+        return prof
+
+    def efficiency(self) -> dict:
+        """Per method: training time and peak memory (stages 2..m, averaged over orders: stage 1 is
+        the shared expert) and the inference profile of its final model (first order)."""
+        out = {}
+        first = next(iter(self.cfg.orders))
+        for meth in self.cfg.methods:
+            secs, peaks, ok = [], [], True
+            for oname, order in self.cfg.orders.items():
+                total = 0.0
+                for i, m in enumerate(order[1:], 2):
+                    f = self.stage_dir(oname, meth, i, m)
+                    if not ckpt.is_done(f):
+                        ok = False
+                        continue
+                    c = ckpt.read_manifest(f).get("cost") or {}
+                    total += c.get("seconds", 0.0)
+                    if "peak_mib" in c:
+                        peaks.append(c["peak_mib"])
+                secs.append(total)
+            if not ok:
+                continue
+            entry = {"train_seconds": sum(secs) / len(secs), "train_peak_mib": max(peaks) if peaks else None}
+            order = self.cfg.orders[first]
+            prof_file = self.stage_dir(first, meth, len(order), order[-1]) / "profile.json"
+            if prof_file.is_file():
+                prof = json.loads(prof_file.read_text())
+                entry.update({"infer_ms_per_token": prof["ms_per_token"], "infer_peak_mib": prof["peak_mib"],
+                              "llm_params_m": prof["llm_params_m"], "memory_kind": prof["memory_kind"]})
+            out[meth.name] = entry
+        return out
+
     # ------------------------------------------------------------------ evaluation
     def evaluate(self, model, modalities: list[str], folder: Path) -> list[dict]:
         """Evaluate every modality in ``modalities``; predictions go to ``folder/predictions.jsonl``."""
@@ -350,9 +398,10 @@ class Runner:
         model = self.base_model()
         ctx = StageContext(self, model, order="-", method="expert", stage=1, modality=modality, seen=[modality],
                            seed=seed_for(self.cfg.seed, "expert", modality))
-        deltas = self.train_modality(model, ctx, FineTune())
+        with self.cost() as cost:
+            deltas = self.train_modality(model, ctx, FineTune())
         ckpt.save_stage(folder, parent=None, deltas=deltas, connectors=self.connector_states(model),
-                        info={"kind": "expert", "modality": modality, "log": ctx.log})
+                        info={"kind": "expert", "modality": modality, "log": ctx.log, "cost": cost.info})
         rows = self.evaluate(model, [modality], folder)
         _write_rows(folder / "scores.csv", [{"method": "expert", "order": "", "stage": "", **r} for r in rows])
         ckpt.mark_done(folder)
@@ -384,13 +433,16 @@ class Runner:
                 ctx = StageContext(self, model, order=order_name, method=method.name, stage=i, modality=m,
                                    seen=order[:i], seed=seed_for(self.cfg.seed, order_name, method.name, i),
                                    parent=prev)
-                deltas = self.train_modality(model, ctx, strategy)
-                strategy.after_stage(ctx)
+                with self.cost() as cost:
+                    deltas = self.train_modality(model, ctx, strategy)
+                    strategy.after_stage(ctx)
                 ckpt.save_stage(folder, parent=prev, deltas=deltas, connectors=self.connector_states(model),
                                 tensors=ctx.tensors,
-                                info={"kind": "stage", "stage": i, "modality": m, "log": ctx.log,
+                                info={"kind": "stage", "stage": i, "modality": m, "log": ctx.log, "cost": cost.info,
                                       **({"llm_modules": ctx.llm_modules} if ctx.llm_modules else {})})
                 rows = self.evaluate(model, order[:i], folder)
+                if i == len(order) and order_name == next(iter(self.cfg.orders)):
+                    self.profile(model, order, folder)
             rows = [{**r, "method": method.name, "order": order_name, "stage": i} for r in rows]
             _write_rows(folder / "scores.csv", rows)
             ckpt.mark_done(folder)
@@ -431,11 +483,30 @@ class Runner:
         self.log(f"all stages done in {time.perf_counter() - t0:.1f}s; scores: {scores}")
         from mera.eval.report import write_report
 
+        eff = self.efficiency()
+        write_text(self.out / "efficiency.json", json.dumps(eff, indent=2) + "\n")
         try:
-            write_report([str(scores)], str(self.out))
+            write_report([str(scores)], str(self.out), efficiency=eff)
         except MeraError as e:  # e.g. an expert scored 0: relative gains are undefined; scores stay
             self.log(f"no report: {e}")
         return scores
+
+
+class _Cost:
+    """Context manager: wall seconds and peak memory (MiB) of a block, in ``.info``."""
+
+    def __enter__(self):
+        from mera.eval.profile import PeakMemory
+
+        self.pm = PeakMemory("cuda" if torch.cuda.is_available() else "cpu").__enter__()
+        self.t0 = time.perf_counter()
+        return self
+
+    def __exit__(self, *exc):
+        self.pm.__exit__(*exc)
+        self.info = {"seconds": round(time.perf_counter() - self.t0, 2), "peak_mib": round(self.pm.peak_mib, 1),
+                     "memory_kind": self.pm.kind}
+        return False
 
 
 def _phase_log(res: PhaseResult) -> dict:

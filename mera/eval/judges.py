@@ -96,6 +96,21 @@ def _exact_match(**opts) -> Judge:
 register_judge("exact_match", _exact_match)
 
 
+def _llm_judge(cls_name: str) -> Callable[..., Judge]:
+    """A factory importing :mod:`mera.eval.llm_judge` (openai, torch) only when used."""
+
+    def factory(**opts) -> Judge:
+        from mera.eval import llm_judge
+
+        return getattr(llm_judge, cls_name)(**opts)
+
+    return factory
+
+
+register_judge("openai", _llm_judge("OpenAIJudge"))  # an OpenAI-compatible endpoint
+register_judge("local_llm", _llm_judge("LocalLLMJudge"))  # a local HF causal LM
+
+
 def get_judge(name: str, **opts) -> Judge:
     """The judge registered under ``name``, built with ``opts``; ConfigError on an unknown name."""
     try:

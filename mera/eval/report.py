@@ -79,8 +79,119 @@ def _stage_means(runs: Sequence[RunMetrics], attr: str) -> dict[str, list[float]
 # ----------------------------------------------------------------------------- markdown
 
 
-def render_markdown(runs: Sequence[RunMetrics], sources: Sequence[str] = ()) -> str:
-    """The Markdown report: a Table-2-style summary, then each run's per-stage progression."""
+def _norm(name: str) -> str:
+    return re.sub(r"\s+", " ", name.strip().lower())
+
+
+FINETUNE_NAMES = ("fine-tuning", "finetune", "fine tuning", "ft")
+
+
+def realign_pairs(methods: Sequence[str]) -> list[tuple[str, str]]:
+    """``(X, X + realign)`` for each method X whose name followed by "+ realign" is also a method
+    (case and spacing ignored), and (fine-tuning, "Realign only") when both are present:
+    realign added to fine-tuning is the realign-only ablation."""
+    by = {_norm(m).replace(" +", "+").replace("+ ", "+"): m for m in methods}
+    pairs = []
+    for m in methods:
+        key = _norm(m).replace(" +", "+").replace("+ ", "+") + "+realign"
+        if key in by:
+            pairs.append((m, by[key]))
+    ro = by.get("realign only")
+    ft = next((by[n] for n in FINETUNE_NAMES if n in by), None)
+    if ro and ft and not any(a == ft for a, _ in pairs):
+        pairs.insert(0, (ft, ro))
+    return pairs
+
+
+def ablation_rows(methods: Sequence[str]) -> list[tuple[str, bool, bool]]:
+    """The paper's Table 4 rows present in ``methods``: (name, merge?, realign?) for fine-tuning,
+    "Merge only", "Realign only" and every "MERA ..." method; empty when neither ablation ran."""
+    norms = {_norm(m): m for m in methods}
+    if "merge only" not in norms and "realign only" not in norms:
+        return []
+    rows = []
+    for m in methods:
+        n = _norm(m)
+        if n in FINETUNE_NAMES:
+            rows.append((m, False, False))
+        elif n == "merge only":
+            rows.append((m, True, False))
+        elif n == "realign only":
+            rows.append((m, False, True))
+        elif n.startswith("mera"):
+            rows.append((m, True, True))
+    return rows
+
+
+def _signed(x: float) -> str:
+    return _fmt(x) if x < 0 or math.isnan(x) else "+" + _fmt(x)
+
+
+def _extra_tables(runs: Sequence[RunMetrics], efficiency: dict | None) -> list[str]:
+    methods, orders = _methods_orders(runs)
+    by_key = {(r.method, r.order): r for r in runs}
+    headline = summary_object(runs)["last_stage_bw"]
+
+    def cell(m, o):
+        r = by_key.get((m, o))
+        if r is None:
+            return DASH
+        return f"{r.bw_mean:.2f} {PM} {'n/a' if math.isnan(r.bw_std) else f'{r.bw_std:.2f}'}"
+
+    lines: list[str] = []
+    rows = ablation_rows(methods)
+    if rows:
+        lines += ["## Ablation: merge and realign (like the paper's Table 4)", "",
+                  "| method | merge | realign | " + " | ".join(_cell(o) for o in orders) + " | last-stage BW |",
+                  "|---" * (len(orders) + 4) + "|"]
+        for m, mg, ra in rows:
+            mark = lambda b: "\u2713" if b else "\u2717"  # noqa: E731
+            lines.append(f"| {_cell(m)} | {mark(mg)} | {mark(ra)} | "
+                         + " | ".join(cell(m, o) for o in orders) + f" | {headline[m]:.2f} |")
+        lines += ["", f"Backward RG, mean {PM} std over the stages, as in the main table.", ""]
+    pairs = realign_pairs(methods)
+    if pairs:
+        lines += ["## What realign adds to each method (like the paper's Table 5)", "",
+                  "| method | with realign | " + " | ".join(f"{_cell(o)}: \u0394mean / \u0394std" for o in orders) + " |",
+                  "|---" * (len(orders) + 2) + "|"]
+        for a, b in pairs:
+            cells = []
+            for o in orders:
+                ra, rb = by_key.get((a, o)), by_key.get((b, o))
+                if ra is None or rb is None:
+                    cells.append(DASH)
+                else:
+                    cells.append(f"{_signed(rb.bw_mean - ra.bw_mean)} / {_signed(rb.bw_std - ra.bw_std)}")
+            lines.append(f"| {_cell(a)} | {_cell(b)} | " + " | ".join(cells) + " |")
+        lines += ["", "\u0394mean / \u0394std: the method with realign minus the method alone, in points of "
+                  f"Backward RG (mean {PM} std over the stages). Realign added to fine-tuning is the "
+                  "realign-only ablation.", ""]
+    if efficiency:
+        kinds = {e.get("memory_kind") for e in efficiency.values() if e.get("memory_kind")}
+        mem = "GPU peak allocated" if kinds == {"cuda"} else "process peak RSS"
+        lines += ["## Efficiency (like the paper's Table 3), measured on this run", "",
+                  f"| method | training time (s) | training peak memory (MiB, {mem}) | inference ms / token "
+                  f"| inference peak memory (MiB, {mem}) | LLM parameters at inference (M) |",
+                  "|---|---|---|---|---|---|"]
+        for m in methods:
+            e = efficiency.get(m)
+            if not e:
+                continue
+            num = lambda k, f: DASH if e.get(k) is None else format(e[k], f)  # noqa: E731
+            lines.append(f"| {_cell(m)} | {num('train_seconds', '.1f')} | {num('train_peak_mib', '.0f')} | "
+                         f"{num('infer_ms_per_token', '.2f')} | {num('infer_peak_mib', '.0f')} | "
+                         f"{num('llm_params_m', '.3f')} |")
+        lines += ["", "Training: stages 2..m (stage 1 is the shared expert), summed per order and averaged over "
+                  "the orders; peak memory is the largest over those stages. Inference: the final model of "
+                  "the first order, batch size 1, a fixed number of new tokens per prompt (prefill included). "
+                  "On a CPU the memory figures are the whole process's resident set, so only their "
+                  "differences between methods mean something.", ""]
+    return lines
+
+
+def render_markdown(runs: Sequence[RunMetrics], sources: Sequence[str] = (), efficiency: dict | None = None) -> str:
+    """The Markdown report: a Table-2-style summary; the ablation, realign and efficiency tables
+    when the run has them; then each run's per-stage progression."""
     methods, orders = _methods_orders(runs)
     headline = summary_object(runs)["last_stage_bw"]
     lines: list[str] = ["# Continual-learning report", ""]
@@ -109,6 +220,7 @@ def render_markdown(runs: Sequence[RunMetrics], sources: Sequence[str] = ()) -> 
         "Relative Gain over all stages, stage 1 (100% by definition) included. "
         "Last-stage BW: the last stage's Backward RG, averaged over the orders present.",
         "",
+        *_extra_tables(runs, efficiency),
         "## Per-stage progression",
         "",
         "RG of a modality = mean over its datasets of score / expert score, in %. "
@@ -236,12 +348,27 @@ def _load(rows_or_paths) -> tuple[list[ScoreRow], list[str]]:
     return read_scores(paths), paths
 
 
-def _build(rows_or_paths) -> tuple[dict, str, list[RunMetrics], list[str]]:
+def _build(rows_or_paths, efficiency: dict | None = None) -> tuple[dict, str, list[RunMetrics], list[str]]:
     rows, sources = _load(rows_or_paths)
     runs = run_metrics(rows)
     if not runs:
         raise DataError(f"{', '.join(sources) or 'scores'}: no method rows (only experts or empty); nothing to report")
-    return summary_object(runs), render_markdown(runs, sources), runs, sources
+    if efficiency is None and len(sources) == 1:
+        efficiency = _read_efficiency(Path(sources[0]).parent / "efficiency.json")
+    return summary_object(runs), render_markdown(runs, sources, efficiency), runs, sources
+
+
+def _read_efficiency(path: Path) -> dict | None:
+    """A run's efficiency.json (written by ``mera run`` next to its scores.csv), if there is one."""
+    if not path.is_file():
+        return None
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError) as e:
+        raise DataError(f"{path}: unreadable efficiency table ({e})") from None
+    if not isinstance(data, dict) or not all(isinstance(v, dict) for v in data.values()):
+        raise DataError(f"{path}: expected an object of per-method objects")
+    return data
 
 
 def _write(out_dir: str | os.PathLike, markdown: str, metrics: dict, figures: dict[str, bytes]) -> list[Path]:
@@ -257,13 +384,13 @@ def _write(out_dir: str | os.PathLike, markdown: str, metrics: dict, figures: di
     return [out / "report.md", out / "metrics.json"] + written
 
 
-def write_report(rows_or_paths, out_dir: str | os.PathLike) -> dict:
+def write_report(rows_or_paths, out_dir: str | os.PathLike, efficiency: dict | None = None) -> dict:
     """Write ``report.md``, ``metrics.json`` and ``figures/*.png`` under ``out_dir`` (atomically,
     after everything is computed) and return the metrics object (the content of metrics.json).
 
     ``rows_or_paths``: a list of :class:`ScoreRow`, or one or several scores CSV paths.
     """
-    metrics, markdown, runs, _ = _build(rows_or_paths)
+    metrics, markdown, runs, _ = _build(rows_or_paths, efficiency)
     _write(out_dir, markdown, metrics, render_figures(runs))
     return metrics
 

@@ -1,0 +1,118 @@
+"""Cost measurements for the efficiency table (the paper's Table 3): peak memory and wall
+time of training, peak memory and latency per generated token at inference.
+
+Peak memory: on a GPU, ``torch.cuda.max_memory_allocated`` over the block (exact, what the
+paper reports); on a CPU, the process's resident set size sampled every few milliseconds
+by a background thread (``/proc/self/statm``; where there is no /proc, the process's
+lifetime ``ru_maxrss``). CPU figures therefore include the Python process and its
+libraries, not just the model: compare them between methods of the same run, not with
+the paper's GPU figures.
+"""
+
+from __future__ import annotations
+
+import os
+import resource
+import threading
+import time
+
+import torch
+
+_PAGE = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
+
+
+def _rss_bytes() -> int | None:
+    try:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * _PAGE
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+class PeakMemory:
+    """``with PeakMemory(device) as pm: ...`` then ``pm.peak_mib`` (and ``pm.kind``: "cuda" or "rss")."""
+
+    def __init__(self, device: torch.device | str | None = None, interval: float = 0.005):
+        self.device = torch.device(device) if device is not None else torch.device("cpu")
+        self.interval = interval
+        self.peak = 0
+        self.kind = "cuda" if self.device.type == "cuda" else "rss"
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def _sample(self) -> None:
+        while not self._stop.is_set():
+            rss = _rss_bytes()
+            if rss is not None and rss > self.peak:
+                self.peak = rss
+            self._stop.wait(self.interval)
+
+    def __enter__(self):
+        if self.kind == "cuda":
+            torch.cuda.synchronize(self.device)
+            torch.cuda.reset_peak_memory_stats(self.device)
+        elif _rss_bytes() is not None:
+            self.peak = _rss_bytes() or 0
+            self._thread = threading.Thread(target=self._sample, daemon=True)
+            self._thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        if self.kind == "cuda":
+            torch.cuda.synchronize(self.device)
+            self.peak = torch.cuda.max_memory_allocated(self.device)
+        elif self._thread is not None:
+            self._stop.set()
+            self._thread.join()
+            rss = _rss_bytes()
+            self.peak = max(self.peak, rss or 0)
+        else:  # no /proc: the lifetime peak of the process (ru_maxrss is KiB on Linux)
+            self.peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+        return False
+
+    @property
+    def peak_mib(self) -> float:
+        return self.peak / 2**20
+
+
+@torch.no_grad()
+def profile_inference(model, tokenizer, samples, provider, new_tokens: int = 16, warmup: int = 1) -> dict:
+    """Latency per generated token at batch size 1, and peak memory, over ``samples``.
+
+    Each sample is answered greedily with exactly ``new_tokens`` new tokens (eos ignored, so
+    every method generates the same number); ``ms_per_token`` = total generation time /
+    total new tokens (prefill included, as a user waiting for an answer sees it).
+    """
+    from mera.data.pipeline import ItemDataset
+    from mera.model.collate import MultimodalCollator
+
+    if not samples:
+        raise ValueError("profile_inference needs at least one sample")
+    model.eval()
+    collate = MultimodalCollator(tokenizer, model, train=False)
+    items = ItemDataset(samples, provider, with_answer=False)
+    batches = [collate([items[i]]) for i in range(len(samples))]
+    device = next(model.llm.parameters()).device
+
+    def run(batch):
+        embeds = model.embed(batch)
+        mask = batch["attention_mask"].to(embeds.device)
+        pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+        out = model.llm.generate(inputs_embeds=embeds, attention_mask=mask, max_new_tokens=new_tokens,
+                                 min_new_tokens=new_tokens, do_sample=False, num_beams=1, use_cache=True,
+                                 pad_token_id=pad)
+        return out.shape[1]
+
+    for b in batches[:warmup]:
+        run(b)
+    tokens = 0
+    with PeakMemory(device) as pm:
+        t0 = time.perf_counter()
+        for b in batches:
+            tokens += run(b)
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        seconds = time.perf_counter() - t0
+    llm_params = sum(p.numel() for p in model.llm.parameters())  # adapters kept at test time count here
+    return {"ms_per_token": 1000.0 * seconds / max(1, tokens), "tokens": tokens, "samples": len(samples),
+            "peak_mib": round(pm.peak_mib, 1), "memory_kind": pm.kind, "llm_params_m": llm_params / 1e6}
