@@ -35,6 +35,11 @@ def _parser() -> argparse.ArgumentParser:
     rep.add_argument("--out", help="folder for report.md, metrics.json and figures/")
     rep.add_argument("--json", action="store_true", help="print one JSON object instead of Markdown")
 
+    from mera.data.convert import add_convert_parser
+
+    data = sub.add_parser("data", help="real data sets: convert the official files to mera's format")
+    dsub = data.add_subparsers(dest="data_command", required=True)
+    add_convert_parser(dsub)
     toy = sub.add_parser("toy", help="the toy world and its model zoo")
     tsub = toy.add_subparsers(dest="toy_command", required=True)
     b = tsub.add_parser("build", help="build the toy model zoo (tokenizer, tiny LLM, encoders) into the cache")
@@ -83,6 +88,12 @@ def cmd_report(args) -> int:
     return report_command(args.scores, out=args.out, as_json=args.json)
 
 
+def cmd_data(args) -> int:
+    from mera.data.convert import convert_command
+
+    return convert_command(args)
+
+
 def cmd_toy(args) -> int:
     if args.toy_command == "build":
         from mera.zoo.build import ZooConfig, build_zoo, format_build_summary
@@ -125,7 +136,7 @@ def main(argv: list[str] | None = None) -> int:
 
     warnings.filterwarnings("ignore", category=FutureWarning, module=r"(transformers|peft)\b.*")
     try:
-        return {"run": cmd_run, "report": cmd_report, "toy": cmd_toy}[args.command](args)
+        return {"run": cmd_run, "report": cmd_report, "data": cmd_data, "toy": cmd_toy}[args.command](args)
     except MeraError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

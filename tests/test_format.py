@@ -205,5 +205,8 @@ def test_corrupt_media_files_are_named(tmp_path):
     write_image(tmp_path / "big.png", np.zeros((8, 8, 3), dtype=np.uint8))
     with pytest.raises(DataError, match=r"big\.png: frame has shape"):
         read_media("video", [frames[0], str(tmp_path / "big.png")])
-    with pytest.raises(DataError, match=r"clip\.mp4: video files need the PyAV reader"):
+    (tmp_path / "clip.mp4").write_bytes(b"not a video at all")
+    with pytest.raises(DataError, match=r"clip\.mp4"):
         read_media("video", str(tmp_path / "clip.mp4"))
+    with pytest.raises(DataError, match=r"clip\.txt: not a video file"):
+        read_media("video", str(tmp_path / "clip.txt"))

@@ -3,14 +3,15 @@
 | modality | on disk                                              | decoded by :func:`read_media`                  |
 |----------|------------------------------------------------------|------------------------------------------------|
 | image    | one PNG / JPEG file                                  | ``uint8 [H, W, 3]``                            |
-| video    | a list of frame image files, all the same size       | ``uint8 [F, H, W, 3]``                         |
+| video    | a video file (mp4, avi, ...: 4 frames sampled by     | ``uint8 [F, H, W, 3]``                         |
+|          | PyAV) or a list of frame image files, all one size   |                                                |
 | audio    | WAV, integer PCM (8/16/24/32-bit), mono or more      | :class:`AudioClip` ``(waveform, sample_rate)``: |
 |          | channels (averaged down to mono)                     | ``float32 [n]`` in [-1, 1] and an ``int``      |
 | point    | ``.npy`` float ``(N, 6)``: xyz + rgb, rgb in [0, 1]  | ``float32 [N, 6]``                             |
 |          | (also ``.npz`` holding ``arr_0``)                    |                                                |
 
-A video given as one file (``.mp4``, ``.avi``, ...) needs the PyAV reader, which is not
-available yet: :func:`read_media` says so. Every problem with a file (missing, unreadable,
+A video file is decoded by :mod:`mera.data.video` (seeking to the sampled frames where the
+container allows). Every problem with a file (missing, unreadable,
 corrupt, truncated, wrong shape or dtype) is a :class:`~mera.errors.DataError` naming the file.
 
 The writers are atomic (temporary name, then rename). 16-bit WAV stores ``round(x * 32768)``
@@ -67,17 +68,22 @@ def read_image(path: str | os.PathLike) -> np.ndarray:
     return np.ascontiguousarray(arr)
 
 
-def read_video(paths: str | os.PathLike | Sequence[str | os.PathLike]) -> np.ndarray:
-    """A list of frame image files -> ``uint8 [F, H, W, 3]``. A single video file is not supported yet."""
+VIDEO_FRAMES = 4  # frames sampled uniformly from a video file (the paper's setting)
+
+
+def read_video(paths: str | os.PathLike | Sequence[str | os.PathLike], num_frames: int = VIDEO_FRAMES) -> np.ndarray:
+    """A video file (decoded with PyAV: ``num_frames`` frames sampled uniformly, seeking where
+    the container allows) or a list of frame image files -> ``uint8 [F, H, W, 3]``."""
     if isinstance(paths, (str, os.PathLike)):
         p = Path(paths)
+        if p.suffix.lower() in VIDEO_FILE_SUFFIXES:
+            from mera.data.video import read_video_frames
+
+            return read_video_frames(p, num_frames)
         if p.suffix.lower() in IMAGE_SUFFIXES:
             paths = [p]
         else:
-            raise DataError(
-                f"{p}: video files need the PyAV reader, which is not available yet; "
-                "give the video as a list of frame image files"
-            )
+            raise DataError(f"{p}: not a video file ({', '.join(VIDEO_FILE_SUFFIXES)}) nor a frame image")
     paths = list(paths)
     if not paths:
         raise DataError("video: empty list of frame files")
