@@ -29,6 +29,9 @@ def _parser() -> argparse.ArgumentParser:
     r.add_argument("--resume", action="store_true", help="continue a run directory, skipping finished stages")
     r.add_argument("--dry-run", action="store_true", help="list the experts and (order, method, stage) to train")
     r.add_argument("--quiet", action="store_true", help="no progress bars")
+    r.add_argument("--workers", type=int, default=1, metavar="N",
+                   help="train independent experts and (order, method) chains in N processes on CPU, "
+                        "sharing the config's threads (default 1)")
 
     rep = sub.add_parser("report", help="tables and figures from one or more scores.csv files")
     rep.add_argument("scores", nargs="+", help="scores files (columns method,order,stage,modality,dataset,task,score)")
@@ -55,6 +58,7 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def cmd_run(args) -> int:
+    from mera.errors import ConfigError
     from mera.config import load_config
     from mera.run_config import RunConfig
 
@@ -62,8 +66,11 @@ def cmd_run(args) -> int:
     out = Path(args.out or Path("runs") / cfg.name)
     from mera.continual.runner import Runner
 
+    if args.workers < 1:
+        raise ConfigError(f"--workers must be >= 1, got {args.workers}")
     runner = Runner(cfg, out, config_dir=Path(args.config).resolve().parent, resume=args.resume,
-                    progress=not args.quiet and sys.stderr.isatty())
+                    progress=not args.quiet and sys.stderr.isatty() and args.workers == 1,
+                    workers=args.workers)
     if args.dry_run:
         plan = runner.plan()
         print(f"run directory: {out}")

@@ -322,3 +322,12 @@ def test_efficiency_table_and_pathweave_inference_overhead(micro_run):
     assert eff["PathWeave"]["llm_params_m"] * 1e6 == pytest.approx(eff["Fine-Tuning"]["llm_params_m"] * 1e6 + extra)
     md = (out / "report.md").read_text()
     assert "## Efficiency" in md and "| PathWeave |" in md
+
+
+def test_parallel_workers_give_the_same_scores(micro_run, tmp_path):
+    """Experts, then (order, method) chains, in 2 spawned processes of 1 thread each."""
+    cfg_path, cfg, out = micro_run
+    par = tmp_path / "par"
+    Runner(cfg, par, config_dir=cfg_path.parent, progress=False, log=lambda m: None, workers=2).run()
+    assert (par / "scores.csv").read_text() == (out / "scores.csv").read_text()
+    assert json.loads((par / "efficiency.json").read_text()).keys() == json.loads((out / "efficiency.json").read_text()).keys()

@@ -65,12 +65,15 @@ def flat_diff(a, b, prefix="") -> list[str]:
 
 class Runner:
     def __init__(self, cfg: RunConfig, out_dir: str | Path, *, config_dir: Path | None = None,
-                 resume: bool = False, progress: bool = True, log=None):
+                 resume: bool = False, progress: bool = True, log=None, workers: int = 1):
         self.cfg = cfg
+        self.workers = max(1, int(workers))
+        self.threads = cfg.threads  # torch threads of this process (a worker process: its share)
         self.out = Path(out_dir)
         self.config_dir = config_dir or Path.cwd()
         self.resume = resume
         self.progress = progress
+        self.verbose = log is None  # worker processes print their log lines only when this one does
         self.log = log or (lambda msg: print(msg, flush=True))
         self.sets = {}
         self.encoders = {}
@@ -132,8 +135,8 @@ class Runner:
 
         from mera.model.encoders.base import load_encoder
 
-        if self.cfg.threads:
-            torch.set_num_threads(self.cfg.threads)
+        if self.threads:
+            torch.set_num_threads(self.threads)
         self.zoo_paths = {}
         if self._uses_zoo():
             from mera.zoo.build import ZooConfig, build_zoo, zoo_paths
@@ -450,6 +453,49 @@ class Runner:
             self.log(f"    stage {i} done in {time.perf_counter() - t0:.1f}s")
             prev = folder
 
+    # ------------------------------------------------------------------ tasks and workers
+    def run_task(self, task: tuple) -> None:
+        """("expert", modality) or ("chain", order, method index): the units a worker runs."""
+        if task[0] == "expert":
+            self.run_expert(task[1])
+        else:
+            self.run_method(task[1], self.cfg.methods[task[2]])
+
+    def _parallel(self, tasks: list[tuple]) -> None:
+        """Run independent tasks in ``workers`` spawned processes, each with its share of the threads.
+
+        Each task writes only its own folders (DONE last), so the run directory stays valid
+        whatever finishes first; the first failure stops the pool and is raised here.
+        """
+        import concurrent.futures
+        import multiprocessing
+
+        todo = [t for t in tasks if not self._task_done(t)]
+        for t in tasks:
+            if t not in todo:
+                self.log(f"[{_task_name(t, self.cfg)}] done, skipped")
+        if not todo:
+            return
+        n = min(self.workers, len(todo))
+        threads = max(1, (self.cfg.threads or torch.get_num_threads()) // n)
+        ctx = multiprocessing.get_context("spawn")  # never fork a process that has started torch threads
+        with concurrent.futures.ProcessPoolExecutor(n, mp_context=ctx, initializer=_worker_init,
+                                                    initargs=(self.cfg, str(self.out), str(self.config_dir),
+                                                              threads, self.verbose)) as pool:
+            futures = {pool.submit(_worker_run, t): t for t in todo}
+            try:
+                for f in concurrent.futures.as_completed(futures):
+                    f.result()
+            except BaseException:
+                pool.shutdown(wait=True, cancel_futures=True)
+                raise
+
+    def _task_done(self, task: tuple) -> bool:
+        if task[0] == "expert":
+            return ckpt.is_done(self.expert_dir(task[1]))
+        order = self.cfg.orders[task[1]]
+        return ckpt.is_done(self.stage_dir(task[1], self.cfg.methods[task[2]], len(order), order[-1]))
+
     # ------------------------------------------------------------------ scores and report
     def assemble_scores(self) -> Path:
         """Rebuild ``scores.csv`` from the finished stages, in plan order (so resume gives the same file)."""
@@ -474,11 +520,14 @@ class Runner:
         self.setup()  # bad paths or files fail here, before the run directory exists
         self.prepare_dir()
         t0 = time.perf_counter()
-        for m in self.plan()["experts"]:
-            self.run_expert(m)
-        for oname in self.cfg.orders:
-            for meth in self.cfg.methods:
-                self.run_method(oname, meth)
+        experts = [("expert", m) for m in self.plan()["experts"]]
+        chains = [("chain", oname, k) for oname in self.cfg.orders for k in range(len(self.cfg.methods))]
+        if self.workers > 1:
+            self._parallel(experts)  # the experts first: every chain's stage 1 is one of them
+            self._parallel(chains)
+        else:
+            for task in experts + chains:
+                self.run_task(task)
         scores = self.assemble_scores()
         self.log(f"all stages done in {time.perf_counter() - t0:.1f}s; scores: {scores}")
         from mera.eval.report import write_report
@@ -490,6 +539,36 @@ class Runner:
         except MeraError as e:  # e.g. an expert scored 0: relative gains are undefined; scores stay
             self.log(f"no report: {e}")
         return scores
+
+
+_WORKER: "Runner | None" = None
+
+
+def _task_name(task: tuple, cfg: RunConfig) -> str:
+    return f"expert {task[1]}" if task[0] == "expert" else f"{task[1]} / {cfg.methods[task[2]].name}"
+
+
+def _worker_init(cfg: RunConfig, out: str, config_dir: str, threads: int, verbose: bool) -> None:
+    """Set up a worker process's runner once (tokenizer, encoders, data, feature cache)."""
+    global _WORKER
+    import os
+    import warnings
+
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+    warnings.filterwarnings("ignore", category=FutureWarning)
+    runner = Runner(cfg, out, config_dir=Path(config_dir), resume=True, progress=False,
+                    log=None if verbose else (lambda msg: None))
+    runner.threads = threads
+    runner.setup()
+    _WORKER = runner
+
+
+def _worker_run(task: tuple) -> None:
+    runner = _WORKER
+    if runner.verbose:  # lines of parallel tasks interleave: tag the indented ones with their task
+        tag = f"[{_task_name(task, runner.cfg)}]"
+        runner.log = lambda msg: print(f"{tag}{msg}" if msg.startswith(" ") else msg, flush=True)
+    runner.run_task(task)
 
 
 class _Cost:
