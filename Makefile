@@ -19,7 +19,7 @@ install: $(STAMP)
 # through image -> video -> audio -> point; prints the table, writes runs/demo/.
 demo: $(STAMP)
 	$(BIN)/mera toy build
-	$(BIN)/mera run configs/toy/demo.yaml --out runs/demo --resume
+	$(BIN)/mera run configs/toy/demo.yaml --out runs/demo --resume --workers 2
 
 test: $(STAMP)
 	$(BIN)/python -m pytest

@@ -10,6 +10,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, TypeVar
 
+import re
+
 import yaml
 from pydantic import BaseModel, ValidationError
 
@@ -103,13 +105,54 @@ def validate(data: dict, schema: type[M], source: str) -> M:
         raise ConfigError(format_validation_error(source, e)) from None
 
 
+_VAR = re.compile(r"\$\{paths\.([A-Za-z0-9_]+)\}")
+
+
+def interpolate_paths(data: dict, source: str) -> dict:
+    """Replace ``${paths.NAME}`` in every string of ``data`` by ``data["paths"][NAME]``.
+
+    ``paths`` is where a config names the folders a user sets once (``paths.models``,
+    ``paths.data``); ``key=value`` overrides of ``paths.*`` are applied before this. The
+    ``paths`` section itself is kept (it is part of the resolved config).
+    """
+    paths = data.get("paths") or {}
+    if not isinstance(paths, dict):
+        raise ConfigError(f"{source}: paths: expected a mapping of names to folders")
+    for k, v in paths.items():
+        if not isinstance(v, str):
+            raise ConfigError(f"{source}: paths.{k}: expected a string, got {v!r}")
+        if _VAR.search(v):
+            raise ConfigError(f"{source}: paths.{k}: a path may not refer to another path")
+
+    def sub(node, where):
+        if isinstance(node, str):
+            def repl(m):
+                if m.group(1) not in paths:
+                    raise ConfigError(f"{source}: {where}: ${{paths.{m.group(1)}}} is not defined "
+                                      f"(defined: {', '.join(sorted(paths)) or 'none'}); set it in the config's "
+                                      f"'paths' section or with paths.{m.group(1)}=DIR")
+                return paths[m.group(1)]
+            return _VAR.sub(repl, node)
+        if isinstance(node, dict):
+            return {k: (v if where == "" and k == "paths" else sub(v, f"{where}.{k}".lstrip("."))) for k, v in node.items()}
+        if isinstance(node, list):
+            return [sub(v, f"{where}.{i}") for i, v in enumerate(node)]
+        return node
+
+    return sub(data, "")
+
+
 def load_config(path: str | Path | None, overrides: list[str] | None, schema: type[M]) -> M:
-    """Read ``path`` (YAML), apply ``overrides`` (``a.b=value``), validate against ``schema``."""
+    """Read ``path`` (YAML), apply ``overrides`` (``a.b=value``), substitute ``${paths.NAME}``,
+    validate against ``schema``."""
     data = read_yaml(path) if path is not None else {}
     for text in overrides or []:
         keys, value = parse_override(text)
         apply_override(data, keys, value, text)
-    return validate(data, schema, str(path) if path is not None else "config")
+    source = str(path) if path is not None else "config"
+    if isinstance(data, dict) and "paths" in data:
+        data = interpolate_paths(data, source)
+    return validate(data, schema, source)
 
 
 def dump_config(cfg: BaseModel) -> str:

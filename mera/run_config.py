@@ -27,6 +27,9 @@ class EncoderRef(StrictModel):
 class BranchConfig(StrictModel):
     encoder: EncoderRef
     connector: ConnectorConfig = Field(default_factory=ConnectorConfig)
+    # a trained connector (safetensors, e.g. from `mera import-llava`): this modality's expert is
+    # then not trained but taken as the base LLM + this connector (and evaluated as usual)
+    pretrained_connector: str | None = None
 
 
 class ModelConfig(StrictModel):
@@ -96,6 +99,8 @@ class TrainConfig(StrictModel):
     lora: LoraSettings = Field(default_factory=LoraSettings)
     # frozen encoders are deterministic: compute each set's features once and reuse them
     cache_features: bool = True
+    # recompute the LLM's activations in the backward pass of step B (GPU memory for time)
+    gradient_checkpointing: bool = False
     num_workers: int = 0
 
 
@@ -144,6 +149,8 @@ class EvalConfig(StrictModel):
 class RunConfig(StrictModel):
     name: str = "run"
     seed: int = 0
+    # folders a user sets once, used elsewhere as ${paths.NAME} (e.g. paths.models, paths.data)
+    paths: dict[str, str] = Field(default_factory=dict)
     zoo: dict | None = None  # ZooConfig fields (toy model zoo); None: defaults
     model: ModelConfig
     data: DataConfig = Field(default_factory=DataConfig)

@@ -85,3 +85,23 @@ def test_cli_bad_config_is_one_line_nonzero(tmp_path):
     lines = [l for l in r.stderr.strip().splitlines() if l.strip()]
     assert len(lines) == 1, r.stderr
     assert "bogus" in lines[0] and str(p) in lines[0] and "Traceback" not in r.stderr
+
+
+def test_paths_are_substituted_and_overridable(tmp_path):
+    from mera.config import load_config
+    from mera.run_config import RunConfig
+
+    cfg_file = tmp_path / "c.yaml"
+    cfg_file.write_text(
+        "paths: {models: /m, data: /d}\n"
+        "model:\n  llm: ${paths.models}/llama\n  branches:\n"
+        "    image: {encoder: {family: hf_clip, path: '${paths.models}/clip'}}\n"
+        "data:\n  sets:\n    image: {caption_train: '${paths.data}/a.json', caption_test: x, qa_train: y, qa_test: z}\n"
+        "orders: {s: [image]}\nmethods: [{name: FT}]\n")
+    cfg = load_config(cfg_file, [], RunConfig)
+    assert cfg.model.llm == "/m/llama" and cfg.model.branches["image"].encoder.path == "/m/clip"
+    assert cfg.data.sets["image"].caption_train == "/d/a.json" and cfg.paths == {"models": "/m", "data": "/d"}
+    cfg = load_config(cfg_file, ["paths.models=/elsewhere"], RunConfig)
+    assert cfg.model.llm == "/elsewhere/llama"
+    with pytest.raises(ConfigError, match=r"model.llm: \$\{paths.nope\} is not defined"):
+        load_config(cfg_file, ["model.llm=${paths.nope}/x"], RunConfig)

@@ -331,3 +331,27 @@ def test_parallel_workers_give_the_same_scores(micro_run, tmp_path):
     Runner(cfg, par, config_dir=cfg_path.parent, progress=False, log=lambda m: None, workers=2).run()
     assert (par / "scores.csv").read_text() == (out / "scores.csv").read_text()
     assert json.loads((par / "efficiency.json").read_text()).keys() == json.loads((out / "efficiency.json").read_text()).keys()
+
+
+def test_paper_grid_dry_run_lists_exactly_the_grid(tmp_path):
+    """configs/toy/paper_grid.yaml: 4 experts, then 13 methods x 2 orders x 4 stages, nothing else."""
+    root = Path(__file__).resolve().parent.parent
+    r = subprocess.run([sys.executable, "-m", "mera", "run", str(root / "configs/toy/paper_grid.yaml"), "--dry-run",
+                        "--out", str(tmp_path / "g")], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    cfg = load_config(root / "configs/toy/paper_grid.yaml", [], RunConfig)
+    names = [m.name for m in cfg.methods]
+    assert names == ["Fine-Tuning", "Replay (1%)", "Replay (10%)", "EWC", "PathWeave", "MERA (1%)", "MERA (10%)",
+                     "Merge only", "Realign only", "Replay (1%) + Realign", "Replay (10%) + Realign",
+                     "EWC + Realign", "PathWeave + Realign"]
+    assert cfg.orders == {"sequential": ["image", "video", "audio", "point"],
+                          "reverse": ["point", "audio", "video", "image"]}
+    lines = [l.split() for l in r.stdout.splitlines() if l.startswith("  ") and "stage_" in l]
+    listed = sorted(l[-1] for l in lines)
+    want = sorted(f"{o}/{slug}/stage_{i}_{m}" for o, order in cfg.orders.items()
+                  for slug in (Runner(cfg, tmp_path).stage_dir(o, meth, 1, order[0]).parent.name
+                               for meth in cfg.methods)
+                  for i, m in enumerate(order, 1))
+    assert listed == want and len(listed) == 104
+    assert "4 experts, 104 stages" in r.stdout
+    assert not (tmp_path / "g").exists()

@@ -77,6 +77,7 @@ class Runner:
         self.log = log or (lambda msg: print(msg, flush=True))
         self.sets = {}
         self.encoders = {}
+        self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
     # ------------------------------------------------------------------ plan
     def plan(self) -> dict:
@@ -178,7 +179,7 @@ class Runner:
             raise CheckpointError(f"{self.tok_path}: cannot load the tokenizer ({e})") from None
         for m, b in self.cfg.model.branches.items():
             path = self.resolve(b.encoder.path) if b.encoder.path else None
-            self.encoders[m] = load_encoder(b.encoder.family, path, **b.encoder.options)
+            self.encoders[m] = load_encoder(b.encoder.family, path, **b.encoder.options).to(self.device)
         self.provider = FeatureProvider(self.encoders, cache=self.cfg.train.cache_features, progress=self.progress)
         from mera.eval.judges import get_judge
 
@@ -201,7 +202,7 @@ class Runner:
         except (OSError, ValueError) as e:
             raise CheckpointError(f"{self.llm_path}: cannot load the language model ({e})") from None
         llm.requires_grad_(False)
-        return MultimodalLM(llm, self.tokenizer)
+        return MultimodalLM(llm.to(self.device), self.tokenizer)
 
     def llm_hidden(self, model) -> int:
         return model.llm.get_input_embeddings().weight.shape[1]
@@ -211,13 +212,37 @@ class Runner:
 
         torch.manual_seed(seed_for(self.cfg.seed, "connector", modality))
         b = self.cfg.model.branches[modality]
-        return build_connector(b.connector, self.encoders[modality].output_dim, self.llm_hidden(model))
+        conn = build_connector(b.connector, self.encoders[modality].output_dim, self.llm_hidden(model))
+        return conn.to(self.device)  # fp32 (its output is cast to the LLM dtype at the splice)
 
     def add_branch(self, model, modality: str, state: dict | None = None):
         conn = self.new_connector(model, modality)
         if state is not None:
             conn.load_state_dict(state)
         model.add_branch(modality, self.encoders[modality], conn)
+
+    def pretrained_connector_state(self, model, modality: str, path: str) -> dict:
+        """The connector weights of ``path`` (safetensors, connector parameter names), checked
+        against a freshly built connector of the configured type."""
+        from safetensors import SafetensorError
+        from safetensors.torch import load_file
+
+        file = self.resolve(path)
+        try:
+            state = load_file(file)
+        except (SafetensorError, OSError, ValueError) as e:
+            raise CheckpointError(f"{file}: cannot read the pretrained connector ({e})") from None
+        model_dim = self.cfg.model.branches[modality]
+        want = self.new_connector(model, modality).state_dict()
+        missing, extra = sorted(set(want) - set(state)), sorted(set(state) - set(want))
+        bad = [k for k in want if k in state and tuple(state[k].shape) != tuple(want[k].shape)]
+        if missing or extra or bad:
+            raise CheckpointError(
+                f"{file}: does not fit the {model_dim.connector.type} connector of {modality!r}: "
+                + "; ".join(x for x in (f"missing {missing[:4]}" if missing else "",
+                                        f"unexpected {extra[:4]}" if extra else "",
+                                        f"wrong shape {bad[:4]}" if bad else "") if x))
+        return state
 
     def load_stage(self, folder: Path):
         """Rebuild the model of a finished stage from its checkpoint chain."""
@@ -294,6 +319,8 @@ class Runner:
         if cont is not None:
             load_lora(model.llm, cont[0])
         strategy.before_instruct(ctx)
+        if tc.gradient_checkpointing:
+            model.llm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         lora_params = [p for n, p in model.llm.named_parameters() if "lora_" in n]
         groups = [{"params": conn, "lr": tc.instruct.lr_connector},
                   {"params": lora_params, "lr": tc.instruct.lr_lora or tc.instruct.lr_connector}]
@@ -304,6 +331,8 @@ class Runner:
                           extra_loss=strategy.extra_loss(ctx))
         ctx.log["instruct"] = _phase_log(res)
         strategy.after_instruct(ctx)
+        if tc.gradient_checkpointing:
+            model.llm.gradient_checkpointing_disable()
         delta = extract_lora(model.llm)
         model.llm = detach_lora(model.llm)
         coef = strategy.merge_coefficient(ctx)
@@ -401,8 +430,14 @@ class Runner:
         model = self.base_model()
         ctx = StageContext(self, model, order="-", method="expert", stage=1, modality=modality, seen=[modality],
                            seed=seed_for(self.cfg.seed, "expert", modality))
+        pre = self.cfg.model.branches[modality].pretrained_connector
         with self.cost() as cost:
-            deltas = self.train_modality(model, ctx, FineTune())
+            if pre:  # an already trained branch (e.g. an imported LLaVA): nothing to train
+                self.add_branch(model, modality, self.pretrained_connector_state(model, modality, pre))
+                ctx.log["pretrained_connector"] = pre
+                deltas = []
+            else:
+                deltas = self.train_modality(model, ctx, FineTune())
         ckpt.save_stage(folder, parent=None, deltas=deltas, connectors=self.connector_states(model),
                         info={"kind": "expert", "modality": modality, "log": ctx.log, "cost": cost.info})
         rows = self.evaluate(model, [modality], folder)
