@@ -83,18 +83,59 @@ def _list_index(node: list, key: str, path: list[str], origin: str) -> int:
         ) from None
 
 
-def format_validation_error(source: str, err: ValidationError) -> str:
+def _unwrap(t: Any) -> Any:
+    """``X | None`` -> ``X``."""
+    import types
+    import typing
+
+    args = [a for a in typing.get_args(t) if a is not type(None)]
+    if typing.get_origin(t) in (typing.Union, types.UnionType) and len(args) == 1:
+        return args[0]
+    return t
+
+
+def _known_keys(schema: type[BaseModel] | None, loc: tuple) -> list[str]:
+    """The field names of the config section at ``loc`` (``()``: the top level), or [] if unknown."""
+    import typing
+
+    node: Any = schema
+    for part in loc:
+        node = _unwrap(node)
+        if isinstance(node, type) and issubclass(node, BaseModel):
+            field = node.model_fields.get(str(part))
+            if field is None:
+                return []
+            node = field.annotation
+        elif typing.get_origin(node) in (dict, list) and typing.get_args(node):
+            node = typing.get_args(node)[-1]  # dict[str, X] by key, list[X] by index: X
+        else:
+            return []
+    node = _unwrap(node)
+    return list(node.model_fields) if isinstance(node, type) and issubclass(node, BaseModel) else []
+
+
+def format_validation_error(source: str, err: ValidationError, schema: type[BaseModel] | None = None) -> str:
+    import difflib
+
     parts = []
     for e in err.errors():
-        loc = ".".join(str(x) for x in e["loc"]) or "(top level)"
+        loc = ".".join(str(x) for x in e["loc"])
+        msg = e["msg"]
+        if e["type"] == "value_error" and msg.startswith("Value error, "):
+            msg = msg[len("Value error, "):]  # our validators' own messages, without pydantic's prefix
         if e["type"] == "extra_forbidden":
-            parts.append(f"{loc}: unknown key")
+            known = _known_keys(schema, tuple(e["loc"][:-1]))
+            hint = ""
+            if known:
+                close = difflib.get_close_matches(str(e["loc"][-1]), known, n=1)
+                hint = f" ({f'did you mean {close[0]!r}? ' if close else ''}known keys: {', '.join(known)})"
+            parts.append(f"{loc}: unknown key{hint}")
         elif e["type"] == "missing":
             parts.append(f"{loc}: required field is missing")
         else:
             got = e.get("input")
-            shown = "" if isinstance(got, (dict, list)) else f" (got {got!r})"
-            parts.append(f"{loc}: {e['msg']}{shown}")
+            shown = "" if isinstance(got, (dict, list)) or (isinstance(got, str) and repr(got) in msg) else f" (got {got!r})"
+            parts.append(f"{loc}: {msg}{shown}" if loc else msg)  # a whole-config check names its fields
     return f"{source}: " + "; ".join(parts)
 
 
@@ -102,7 +143,7 @@ def validate(data: dict, schema: type[M], source: str) -> M:
     try:
         return schema.model_validate(data)
     except ValidationError as e:
-        raise ConfigError(format_validation_error(source, e)) from None
+        raise ConfigError(format_validation_error(source, e, schema)) from None
 
 
 _VAR = re.compile(r"\$\{paths\.([A-Za-z0-9_]+)\}")

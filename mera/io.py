@@ -8,6 +8,8 @@ import tempfile
 from contextlib import contextmanager
 from pathlib import Path
 
+from mera.faults import fault_point
+
 
 @contextmanager
 def atomic_path(path: str | os.PathLike):
@@ -21,6 +23,7 @@ def atomic_path(path: str | os.PathLike):
     os.close(fd)
     try:
         yield Path(tmp)
+        fault_point("write")
         if os.path.exists(tmp):  # mkstemp makes 0600 files: give the usual permissions
             os.chmod(tmp, 0o666 & ~_umask())
         os.replace(tmp, path)

@@ -18,10 +18,26 @@ from mera.train.lora import LoraSettings
 STRATEGIES = ("finetune", "merge", "realign", "replay", "ewc", "pathweave")
 
 
+ZOO_KEYS = ("llm", "tokenizer", "root", "manifest") + tuple(f"encoders/{m}" for m in MODALITIES)
+
+
+def check_zoo_ref(v: str | None) -> str | None:
+    """A ``zoo:`` path must name a part of the toy zoo (checked before anything is built)."""
+    if isinstance(v, str) and v.startswith("zoo:") and v[4:] not in ZOO_KEYS:
+        raise ValueError(f"unknown zoo path {v!r}; known: zoo:llm, zoo:tokenizer, "
+                         f"zoo:encoders/<modality> ({', '.join(MODALITIES)})")
+    return v
+
+
 class EncoderRef(StrictModel):
     family: str
     path: str | None = None
     options: dict = Field(default_factory=dict)
+
+    @field_validator("path")
+    @classmethod
+    def _zoo(cls, v):
+        return check_zoo_ref(v)
 
 
 class BranchConfig(StrictModel):
@@ -37,6 +53,21 @@ class ModelConfig(StrictModel):
     tokenizer: str | None = None  # defaults to the llm folder
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
     branches: dict[str, BranchConfig]
+
+    @field_validator("llm", "tokenizer")
+    @classmethod
+    def _zoo(cls, v):
+        return check_zoo_ref(v)
+
+    @field_validator("branches")
+    @classmethod
+    def _modalities(cls, v):
+        for m in v:
+            if m not in MODALITIES:
+                raise ValueError(f"unknown modality {m!r}; a branch is one of {', '.join(MODALITIES)}")
+        if not v:
+            raise ValueError("at least one modality branch is expected")
+        return v
 
 
 class SetPaths(StrictModel):
@@ -54,7 +85,7 @@ class DataConfig(StrictModel):
     # the toy world: generated on first use into the mera home (cached by its config)
     toy: dict | None = None
     sets: dict[str, SetPaths] = Field(default_factory=dict)
-    max_test: int | None = None  # cap on test samples per set (None: all)
+    max_test: int | None = Field(None, ge=1)  # cap on test samples per set (None: all)
 
 
 class PhaseConfig(StrictModel):
@@ -101,6 +132,9 @@ class TrainConfig(StrictModel):
     cache_features: bool = True
     # recompute the LLM's activations in the backward pass of step B (GPU memory for time)
     gradient_checkpointing: bool = False
+    # save each phase's full training state every N optimizer steps (0: never), under
+    # <run>/.steps/, so that --resume continues a long phase where it stopped
+    checkpoint_every: int = Field(default=0, ge=0)
     num_workers: int = 0
 
 
@@ -122,7 +156,7 @@ class MethodConfig(StrictModel):
                 raise ValueError(f"unknown strategy {s!r}; known: {', '.join(STRATEGIES)}")
         return v
 
-    @field_validator("replay_ratio", "realign_ratio")
+    @field_validator("replay_ratio", "realign_ratio", "fisher_ratio")
     @classmethod
     def _ratio(cls, v, info):
         if v is not None and not 0 < v <= 1:

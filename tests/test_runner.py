@@ -16,67 +16,17 @@ from mera.continual import checkpoint as ckpt
 from mera.continual.runner import Runner
 from mera.errors import ConfigError, MeraError
 from mera.run_config import RunConfig
+from micro import micro_config  # noqa: E402
 
 pytestmark = pytest.mark.slow
 
 
 @pytest.fixture(scope="module")
-def assets(tmp_path_factory):
-    """A tiny random Llama, the toy tokenizer and random toy encoders, saved the real way."""
-    from mera.data.toy_world import text_instructions, vocabulary
-    from mera.model.encoders.toy import build_toy_encoder, save_toy_encoder
-    from mera.zoo.lm import LMConfig, pretrain_lm
-    from mera.zoo.tokenizer import build_tokenizer
-
-    root = tmp_path_factory.mktemp("assets")
-    tok = build_tokenizer(vocabulary(), root / "tokenizer")
-    # a quickly pre-trained tiny LM, so that the experts' scores are not all zero
-    pretrain_lm(tok, text_instructions(1500, seed=0), root / "llm",
-                LMConfig(hidden_size=64, num_layers=2, num_heads=4, steps=80, n_eval=20), progress=False)
-    for m in ("image", "point"):
-        torch.manual_seed(1)
-        save_toy_encoder(build_toy_encoder(m), root / m)
-    return root
-
-
-def micro_config(assets: Path, tmp_path: Path) -> Path:
-    cfg = {
-        "name": "micro",
-        "model": {
-            "llm": str(assets / "llm"),
-            "tokenizer": str(assets / "tokenizer"),
-            "branches": {
-                "image": {"encoder": {"family": "toy_image", "path": str(assets / "image")}},
-                "point": {"encoder": {"family": "toy_point", "path": str(assets / "point")},
-                          "connector": {"type": "qformer", "num_queries": 4, "qformer_hidden": 32,
-                                        "qformer_layers": 2, "qformer_heads": 4, "qformer_intermediate": 64}},
-            },
-        },
-        "data": {"toy": {"n_train_caption": 32, "n_train_qa": 64, "n_test_caption": 8, "n_test_qa": 16}},
-        "orders": {"sequential": ["image", "point"]},
-        "methods": [{"name": "Fine-Tuning", "strategies": ["finetune"]},
-                    {"name": "MERA (10%)", "strategies": ["merge", "realign"], "replay_ratio": 0.1},
-                    {"name": "Replay (10%)", "strategies": ["replay"], "replay_ratio": 0.1},
-                    {"name": "EWC", "strategies": ["ewc"], "fisher_ratio": 0.05},
-                    {"name": "PathWeave", "strategies": ["pathweave"], "pathweave_in_rank": 2}],
-        "train": {"align": {"epochs": 2, "batch_size": 8, "lr_connector": 1e-3},
-                  "instruct": {"epochs": 3, "batch_size": 8, "micro_batch_size": 4, "lr_connector": 1e-3,
-                               "lr_lora": 5e-3},
-                  "realign": {"epochs": 1, "batch_size": 4, "lr_connector": 1e-3},
-                  "lora": {"r": 4, "alpha": 8, "dropout": 0.0}},
-        "eval": {"batch_size": 8, "max_new_tokens": 12},
-    }
-    path = tmp_path / "micro.yaml"
-    path.write_text(yaml.safe_dump(cfg))
-    return path
-
-
-@pytest.fixture(scope="module")
-def micro_run(assets, tmp_path_factory):
+def micro_run(micro_assets, tmp_path_factory):
     tmp = tmp_path_factory.mktemp("run")
     mp = pytest.MonkeyPatch()
     mp.setenv("MERA_HOME", str(tmp / "home"))
-    cfg_path = micro_config(assets, tmp)
+    cfg_path = micro_config(micro_assets, tmp)
     cfg = load_config(cfg_path, [], RunConfig)
     out = tmp / "out"
     Runner(cfg, out, config_dir=tmp, progress=False, log=lambda m: None).run()

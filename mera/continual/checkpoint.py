@@ -19,6 +19,7 @@ same order and with the same function as during the run, so a loaded stage is ex
 from __future__ import annotations
 
 import json
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -37,8 +38,19 @@ def is_done(folder: str | Path) -> bool:
     return (Path(folder) / DONE).is_file()
 
 
+@contextmanager
+def _writing(path: Path):
+    """Turn a failed write (disk full, no permission) into a CheckpointError naming ``path``;
+    the writes are atomic, so a file already at ``path`` is left as it was."""
+    try:
+        yield
+    except OSError as e:
+        raise CheckpointError(f"{path}: cannot write the checkpoint ({e.strerror or e}); "
+                              "the stage is not marked done and any earlier version of the file is unchanged") from None
+
+
 def save_tensors(path: Path, tensors: dict[str, torch.Tensor]) -> None:
-    with atomic_path(path) as tmp:
+    with _writing(path), atomic_path(path) as tmp:
         save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(tmp))
 
 
@@ -84,7 +96,8 @@ def save_stage(
         "modalities": sorted(connectors),
         **(info or {}),
     }
-    write_json(folder / MANIFEST, manifest)
+    with _writing(folder / MANIFEST):
+        write_json(folder / MANIFEST, manifest)
 
 
 def _relpath(target: Path, start: Path) -> str:
@@ -94,7 +107,8 @@ def _relpath(target: Path, start: Path) -> str:
 
 
 def mark_done(folder: str | Path) -> None:
-    write_text(Path(folder) / DONE, "done\n")
+    with _writing(Path(folder) / DONE):
+        write_text(Path(folder) / DONE, "done\n")
 
 
 def read_manifest(folder: str | Path) -> dict:
@@ -132,16 +146,40 @@ def load_deltas(folder: Path) -> list[tuple[LoraDelta, float]]:
         try:
             out.append((lora_from_tensors(tensors, e["scalings"]), float(e["coef"])))
         except KeyError as k:
-            raise CheckpointError(f"{folder / e['file']}: missing tensor {k}") from None
+            held = ", ".join(sorted(tensors)[:3]) + (", ..." if len(tensors) > 3 else "")
+            raise CheckpointError(f"{folder / e['file']}: not the LoRA file its manifest describes: missing tensor "
+                                  f"{k} (the file holds {held or 'nothing'})") from None
     return out
+
+
+def check_delta(llm, delta: LoraDelta, path: Path) -> None:
+    """CheckpointError unless every LoRA pair of ``delta`` fits a linear module of ``llm``
+    (a checkpoint of another backbone names other modules or has other shapes)."""
+    modules = dict(llm.named_modules())
+    for name, d in delta.items():
+        weight = getattr(modules.get(name), "weight", None)
+        if weight is None or weight.dim() != 2:
+            raise CheckpointError(f"{path}: LoRA for module {name!r}, which the LLM does not have "
+                                  "(a checkpoint of another LLM?)")
+        out_f, in_f = weight.shape
+        a, b = d["A"], d["B"]
+        if a.dim() != 2 or b.dim() != 2 or a.shape[1] != in_f or b.shape[0] != out_f or a.shape[0] != b.shape[1]:
+            raise CheckpointError(f"{path}: LoRA of {name!r} has A {tuple(a.shape)} and B {tuple(b.shape)}; the LLM's "
+                                  f"weight is {(out_f, in_f)}, so A (r, {in_f}) and B ({out_f}, r) are expected "
+                                  "(a checkpoint of another LLM?)")
 
 
 @torch.no_grad()
 def apply_stage_llm(llm, folder: str | Path) -> None:
     """Fold every delta of the chain ending at ``folder`` into the (base) ``llm``, in place."""
-    for f in chain(folder):
-        for delta, coef in load_deltas(f):
-            fold_lora(llm, delta, coef)
+    folds = []
+    for f in chain(folder):  # read and check the whole chain before changing a weight
+        files = [e["file"] for e in read_manifest(f)["deltas"]]
+        for file, (delta, coef) in zip(files, load_deltas(f)):
+            check_delta(llm, delta, f / file)
+            folds.append((delta, coef))
+    for delta, coef in folds:
+        fold_lora(llm, delta, coef)
 
 
 def load_strategy_tensors(folder: str | Path) -> dict[str, torch.Tensor]:
@@ -152,9 +190,14 @@ def load_strategy_tensors(folder: str | Path) -> dict[str, torch.Tensor]:
 def load_connectors(folder: str | Path) -> dict[str, dict[str, torch.Tensor]]:
     folder = Path(folder)
     m = read_manifest(folder)
-    flat = load_tensors(folder / m["connectors"])
+    path = folder / m["connectors"]
+    flat = load_tensors(path)
     out: dict[str, dict[str, torch.Tensor]] = {}
     for key, v in flat.items():
-        modality, name = key.split(".", 1)
+        modality, _, name = key.partition(".")
         out.setdefault(modality, {})[name] = v
+    want = m.get("modalities")
+    if isinstance(want, list) and sorted(out) != sorted(want):
+        raise CheckpointError(f"{path}: holds connectors for {sorted(out)}, its manifest lists {sorted(want)} "
+                              "(not this stage's connectors file)")
     return out

@@ -37,7 +37,7 @@ from mera.errors import CheckpointError, ConfigError, MeraError
 from mera.io import write_text
 from mera.model.collate import MultimodalCollator
 from mera.run_config import MethodConfig, PhaseConfig, RunConfig
-from mera.train.loop import PhaseResult, train_phase
+from mera.train.loop import PhaseResult, StepCheckpoint, train_phase
 from mera.train.lora import attach_lora, detach_lora, extract_lora, fold_lora, load_lora
 
 SCORE_COLUMNS = ["method", "order", "stage", "modality", "dataset", "task", "score"]
@@ -101,6 +101,11 @@ class Runner:
 
     def expert_dir(self, modality: str) -> Path:
         return self.out / "experts" / modality
+
+    def steps_dir(self, folder: Path) -> Path:
+        """Where a stage's step checkpoints live until it is DONE (outside the stage folder, which
+        an unfinished stage clears)."""
+        return self.out / ".steps" / folder.relative_to(self.out)
 
     # ------------------------------------------------------------------ set-up
     def prepare_dir(self, write: bool = True) -> None:
@@ -272,11 +277,14 @@ class Runner:
             for p in g["params"]:
                 p.requires_grad_(True)
         collate = MultimodalCollator(self.tokenizer, model, train=True)
+        ck = None
+        if self.cfg.train.checkpoint_every and getattr(self, "_steps_dir", None) is not None:
+            ck = StepCheckpoint(self._steps_dir / desc.split()[-1], self.cfg.train.checkpoint_every)
         res = train_phase(model, groups, ItemDataset(samples, self.provider), collate,
                           batch_size=pc.batch_size, micro_batch_size=pc.micro_batch_size, epochs=pc.epochs,
                           warmup_ratio=pc.warmup_ratio, weight_decay=pc.weight_decay,
                           max_grad_norm=pc.max_grad_norm, seed=seed, extra_loss=extra_loss, desc=desc,
-                          progress=self.progress)
+                          progress=self.progress, checkpoint=ck)
         for p in model.parameters():
             p.requires_grad_(False)
         return res
@@ -425,6 +433,7 @@ class Runner:
             self.log(f"[expert {modality}] done, skipped")
             return
         _clean(folder)
+        self._steps_dir = self.steps_dir(folder)
         t0 = time.perf_counter()
         self.log(f"[expert {modality}] training")
         model = self.base_model()
@@ -443,6 +452,7 @@ class Runner:
         rows = self.evaluate(model, [modality], folder)
         _write_rows(folder / "scores.csv", [{"method": "expert", "order": "", "stage": "", **r} for r in rows])
         ckpt.mark_done(folder)
+        shutil.rmtree(self._steps_dir, ignore_errors=True)
         self.log(f"[expert {modality}] {time.perf_counter() - t0:.1f}s")
 
     def run_method(self, order_name: str, method: MethodConfig) -> None:
@@ -459,6 +469,7 @@ class Runner:
             if model is None:
                 model = self.load_stage(prev) if i > 1 else None
             _clean(folder)
+            self._steps_dir = self.steps_dir(folder)
             t0 = time.perf_counter()
             self.log(f"[{order_name} / {method.name}] stage {i} {m}")
             if i == 1:  # stage 1 of every method is the expert of the first modality
@@ -484,6 +495,7 @@ class Runner:
             rows = [{**r, "method": method.name, "order": order_name, "stage": i} for r in rows]
             _write_rows(folder / "scores.csv", rows)
             ckpt.mark_done(folder)
+            shutil.rmtree(self._steps_dir, ignore_errors=True)
             self.assemble_scores()
             self.log(f"    stage {i} done in {time.perf_counter() - t0:.1f}s")
             prev = folder

@@ -133,6 +133,10 @@ def read_audio(path: str | os.PathLike) -> AudioClip:
 def read_points(path: str | os.PathLike) -> np.ndarray:
     """``.npy`` (or ``.npz`` with ``arr_0``) float ``(N, 6)`` -> ``float32 [N, 6]``; rgb in [0, 1]."""
     p = _exists(path, "point cloud")
+    with open(p, "rb") as f:
+        magic = f.read(6)
+    if magic != b"\x93NUMPY" and magic[:4] != b"PK\x03\x04":  # numpy would guess "pickled data"
+        raise DataError(f"{p}: not a NumPy .npy/.npz file (expected a float array of shape (N, 6))")
     try:
         loaded = np.load(p, allow_pickle=False)
         if isinstance(loaded, np.lib.npyio.NpzFile):

@@ -16,6 +16,7 @@ from tqdm.auto import tqdm
 
 from mera.data.format import Sample, load_dataset
 from mera.data.media import read_media
+from mera.errors import DataError
 
 
 @dataclass
@@ -37,10 +38,11 @@ def load_sets(paths: dict[str, dict[str, str]], max_test: int | None = None) -> 
     for modality, p in paths.items():
         sets = {k: load_dataset(v) for k, v in p.items()}
         for key, samples in sets.items():
+            if not samples:
+                raise DataError(f"{p[key]}: the {modality} {key.replace('_', ' ')} set is empty "
+                                f"(a JSON list of at least one sample is expected)")
             for s in samples:
                 if s.modality != modality:
-                    from mera.errors import DataError
-
                     raise DataError(f"{p[key]}: sample {s.id!r} has modality {s.modality!r}, expected {modality!r}")
         if max_test is not None:
             sets["caption_test"] = sets["caption_test"][:max_test]

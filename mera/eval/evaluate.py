@@ -15,6 +15,7 @@ from mera.data.format import Sample
 from mera.data.pipeline import FeatureProvider, ItemDataset
 from mera.eval.cider import cider_d
 from mera.eval.judges import Judge, qa_accuracy
+from mera.faults import fault_point
 from mera.model.collate import MultimodalCollator
 
 
@@ -30,6 +31,7 @@ def generate_answers(model, tokenizer, samples: list[Sample], provider: FeatureP
     out: list[str] = []
     for batch in tqdm(loader, desc=desc, disable=not progress, leave=False):
         out += model.generate(batch, max_new_tokens=max_new_tokens)
+        fault_point("eval")
     return out
 
 

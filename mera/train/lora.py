@@ -13,6 +13,7 @@ from peft.tuners.lora import LoraLayer
 
 from mera.config_base import StrictModel
 from mera.continual.merging import fold_delta
+from mera.faults import fault_point
 
 
 class LoraSettings(StrictModel):
@@ -84,10 +85,12 @@ def detach_lora(peft_model):
 def fold_lora(llm, delta: LoraDelta, coef: float) -> None:
     """``W += coef * scaling * B @ A`` for every module of ``delta`` (in place, no copy of the LLM)."""
     modules = dict(llm.named_modules())
-    for name, d in delta.items():
+    for k, (name, d) in enumerate(delta.items()):
         if name not in modules:
             raise KeyError(f"LoRA delta names a module the LLM does not have: {name}")
         fold_delta(modules[name].weight, d["A"], d["B"], d["scaling"], coef)
+        if k == len(delta) // 2:
+            fault_point("merge")
 
 
 def lora_to_tensors(delta: LoraDelta) -> tuple[dict[str, torch.Tensor], dict[str, float]]:
