@@ -38,6 +38,12 @@ def _parser() -> argparse.ArgumentParser:
     rep.add_argument("--out", help="folder for report.md, metrics.json and figures/")
     rep.add_argument("--json", action="store_true", help="print one JSON object instead of Markdown")
 
+    from mera.export import add_export_parser, add_import_llava_parser
+    from mera.generate import add_generate_parser
+
+    add_generate_parser(sub)
+    add_export_parser(sub)
+    add_import_llava_parser(sub)
     from mera.data.convert import add_convert_parser
 
     data = sub.add_parser("data", help="real data sets: convert the official files to mera's format")
@@ -143,7 +149,8 @@ def main(argv: list[str] | None = None) -> int:
 
     warnings.filterwarnings("ignore", category=FutureWarning, module=r"(transformers|peft)\b.*")
     try:
-        return {"run": cmd_run, "report": cmd_report, "data": cmd_data, "toy": cmd_toy}[args.command](args)
+        return {"run": cmd_run, "report": cmd_report, "data": cmd_data, "toy": cmd_toy}.get(
+            args.command, getattr(args, "func", None))(args)
     except MeraError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

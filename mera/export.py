@@ -30,7 +30,6 @@ import json
 import os
 from pathlib import Path
 
-import torch
 
 from mera.errors import CheckpointError, ConfigError, MeraError
 from mera.io import atomic_path, write_json, write_text
@@ -71,6 +70,7 @@ def _prepare_out(out: Path, force: bool, what: str) -> None:
 
 
 def _save_tensors(path: Path, tensors: dict[str, torch.Tensor]) -> None:
+    import torch
     from safetensors.torch import save_file
 
     with atomic_path(path) as tmp:
@@ -78,6 +78,7 @@ def _save_tensors(path: Path, tensors: dict[str, torch.Tensor]) -> None:
 
 
 def _load_tensors(path: Path) -> dict[str, torch.Tensor]:
+    import torch
     from safetensors import SafetensorError
     from safetensors.torch import load_file
 
@@ -90,6 +91,7 @@ def _load_tensors(path: Path) -> dict[str, torch.Tensor]:
 
 
 def _dtype_name(dtype: torch.dtype) -> str:
+    import torch
     return str(dtype).replace("torch.", "")
 
 
@@ -186,7 +188,8 @@ def _tokenizer_with_template(tok_src: str):
     try:
         tok = AutoTokenizer.from_pretrained(tok_src)
     except (OSError, ValueError, TypeError) as e:
-        raise CheckpointError(f"{tok_src}: cannot load a tokenizer ({e}); give one with --tokenizer DIR") from None
+        msg = " ".join(str(e).split())  # one line
+        raise CheckpointError(f"{tok_src}: cannot load a tokenizer ({msg}); give one with --tokenizer DIR") from None
     probe = "<image>\nzq probe text"
     ok = False
     if getattr(tok, "chat_template", None):
@@ -198,8 +201,8 @@ def _tokenizer_with_template(tok_src: str):
             ok = False
     if ok:
         return tok, "kept (renders string contents)"
-    tok.chat_template = LLAVA15_CHAT_TEMPLATE
     why = "had none" if not getattr(tok, "chat_template", None) else "did not render string contents"
+    tok.chat_template = LLAVA15_CHAT_TEMPLATE
     return tok, f"set to LLaVA-1.5's conversation format (the tokenizer's template {why})"
 
 
@@ -210,13 +213,14 @@ def _image_processor(src: Path):
 
     try:
         return CLIPImageProcessor.from_pretrained(str(src)), "copied from the LLaVA folder"
-    except (OSError, ValueError, TypeError, KeyError) as e:
-        return None, f"not copied: unreadable ({type(e).__name__}: {e})"
+    except Exception as e:  # optional: hf_clip falls back to the CLIP constants
+        return None, f"not copied: unreadable ({type(e).__name__}: {' '.join(str(e).split())})"
 
 
 def import_llava(llava_dir: str | os.PathLike, out_dir: str | os.PathLike, *, tokenizer: str | None = None,
                  force: bool = False, shard_bytes: int = SHARD_BYTES, log=None) -> dict:
     """Split a LLaVA checkpoint folder into mera's pieces (see the module docstring); returns import.json."""
+    import torch
     from safetensors import SafetensorError, safe_open
     from transformers import AutoModelForCausalLM, CLIPVisionModel, GenerationConfig
     from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
@@ -237,6 +241,8 @@ def import_llava(llava_dir: str | os.PathLike, out_dir: str | os.PathLike, *, to
     if tmt not in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES:
         raise ConfigError(f"{src / 'config.json'}: text model {tmt!r} has no causal-LM class in transformers")
     files = _llava_weight_files(src)
+    tok_src = str(Path(tokenizer).expanduser().resolve()) if tokenizer else str(src)
+    tok, template_note = _tokenizer_with_template(tok_src)  # before the heavy work: fail fast
 
     # ---- sort every key into its part (reading headers only)
     parts: dict[str, dict[str, tuple[Path, str]]] = {"vision": {}, "projector": {}, "lm": {}, "lm_head": {}}
@@ -397,9 +403,6 @@ def import_llava(llava_dir: str | os.PathLike, out_dir: str | os.PathLike, *, to
         else:
             GenerationConfig.from_model_config(tcfg).save_pretrained(str(llm_dir))
 
-        # ---- the tokenizer
-        tok_src = tokenizer or str(src)
-        tok, template_note = _tokenizer_with_template(tok_src)
         tok.save_pretrained(str(llm_dir))
         image_token = "<image>"
         in_vocab = image_token in tok.get_vocab()
@@ -461,7 +464,8 @@ def example_config(out: Path, info: dict, enc_opts: dict) -> str:
              "branches": {"image": branch}}
     head = (f"# mera run config snippet for the LLaVA model imported from {info['source']}.\n"
             "# The image branch is LLaVA's own (encoder + projector): its expert is not trained\n"
-            "# (pretrained_connector). Add the other modalities' branches, then data, orders and methods.\n")
+            "# (pretrained_connector). Add the other modalities' branches, then data, orders and methods.\n"
+            "# dtype is the checkpoint's; bfloat16 is the usual choice for training on a GPU.\n")
     return head + yaml.safe_dump({"model": model}, sort_keys=False)
 
 
@@ -601,6 +605,7 @@ def read_export_manifest(folder: Path) -> dict:
 
 def load_exported(folder: str | os.PathLike, device: str | torch.device | None = None):
     """The :class:`~mera.model.mllm.MultimodalLM` of an exported folder, and its manifest."""
+    import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from mera.model.connectors import ConnectorConfig, build_connector

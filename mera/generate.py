@@ -23,7 +23,20 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-import torch
+
+
+def _no_grad(fn):
+    """``torch.no_grad()`` applied at call time (torch is imported lazily: ``mera --help`` stays fast)."""
+    import functools
+
+    @functools.wraps(fn)
+    def wrapper(*a, **k):
+        import torch
+
+        with torch.no_grad():
+            return fn(*a, **k)
+
+    return wrapper
 
 from mera import MODALITIES, PLACEHOLDERS
 from mera.errors import CheckpointError, ConfigError, DataError
@@ -197,7 +210,7 @@ def _batch(loaded: Loaded, items: list[dict]) -> dict:
         raise ConfigError(str(e)) from None
 
 
-@torch.no_grad()
+@_no_grad
 def stream_ids(model, batch: dict, max_new_tokens: int, write) -> list[int]:
     """Greedy decoding of one sample exactly as ``MultimodalLM.generate_ids``, writing the text as it
     comes (``write(str)``); returns the new ids cut before the first eos."""

@@ -189,7 +189,8 @@ def test_import_sets_llava15_template_when_the_tokenizer_has_none_for_strings(tm
 
     src = tiny_llava(tmp_path / "llava", template=PROCESSOR_TEMPLATE)
     info = import_llava(src, tmp_path / "model")
-    assert info["tokenizer"]["chat_template"].startswith("set to LLaVA-1.5")
+    assert info["tokenizer"]["chat_template"] == ("set to LLaVA-1.5's conversation format "
+                                                  "(the tokenizer's template did not render string contents)")
     tok = AutoTokenizer.from_pretrained(str(tmp_path / "model/llm"))
     assert tok.chat_template == LLAVA15_CHAT_TEMPLATE
     text = tok.apply_chat_template([{"role": "user", "content": "<image>\nwhat colour ?"}], tokenize=False,
@@ -224,6 +225,15 @@ def test_import_refuses_pickle_and_existing_output(llava_dir, imported, tmp_path
     (src / "model.safetensors").rename(src / "pytorch_model.bin")
     with pytest.raises(CheckpointError, match="safetensors only"):
         import_llava(src, tmp_path / "out")
+    (src / "pytorch_model.bin").rename(src / "model.safetensors")
+    for f in src.iterdir():  # no tokenizer in the folder: refused before any work, --tokenizer named
+        if f.name.startswith(("tokenizer", "chat_template", "special_tokens")):
+            f.unlink()
+    with pytest.raises(CheckpointError, match="cannot load a tokenizer .*give one with --tokenizer DIR"):
+        import_llava(src, tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+    info = import_llava(src, tmp_path / "out", tokenizer=str(imported[0] / "llm"))
+    assert info["tokenizer"]["source"] == str(imported[0] / "llm")
     with pytest.raises(MeraError, match="already exists and is not empty"):
         import_llava(llava_dir, imported[0])
 

@@ -170,8 +170,20 @@ def test_recipe_is_the_papers(path):
     assert (t.lora.r, t.lora.alpha, t.lora.dropout) == (d.lora.r, d.lora.alpha, d.lora.dropout)
     assert t.gradient_checkpointing is True
     assert t.cache_features is False  # an in-memory cache of the real sets' features would not fit
+    assert t.checkpoint_every > 0  # phases are hours long: resumable mid-phase
     assert cfg.eval.judge == "openai"
     assert cfg.eval.judge_options == {"model": "gpt-4o-mini", "api_key_env": "OPENAI_API_KEY"}
+
+
+def test_offline_judge_overrides_of_the_config_comment_work():
+    from mera.eval.judges import ExactMatchJudge, get_judge
+
+    for path in CONFIGS:
+        assert "eval.judge=exact_match 'eval.judge_options={}'" in path.read_text()
+        cfg = _load(path, ["eval.judge=exact_match", "eval.judge_options={}"])
+        assert isinstance(get_judge(cfg.eval.judge, **cfg.eval.judge_options), ExactMatchJudge)
+        cfg = _load(path, ["eval.judge=local_llm", "eval.judge_options={path: /models/x}"])
+        assert (cfg.eval.judge, cfg.eval.judge_options) == ("local_llm", {"path": "/models/x"})
 
 
 def test_grid_orders_and_methods_equal_the_toy_grid():

@@ -3,7 +3,8 @@
 random Point-BERT saved as PointLLM's checkpoint file (family ``point_bert``), on the toy world's PNG
 images and (N, 6) point clouds; orders [image, point], Fine-Tuning and MERA (10%), with the paper
 configs' settings that change code paths (a bfloat16 LLM and CLIP, MLP depth 3 with hidden sizes for
-the point connector, gradient checkpointing, no feature cache: the encoders run inside every step).
+the point connector, gradient checkpointing, step checkpoints, no feature cache: the encoders run
+inside every step).
 
 Nothing here is trained to be good: the assertions are about the plumbing (rows, merge coefficient,
 checkpoint contents, reproducible reload).
@@ -114,7 +115,8 @@ def micro_config(assets: Path, tmp_path: Path) -> Path:
                   "realign": {"epochs": 1, "batch_size": 4, "lr_connector": 1e-3},
                   "lora": {"r": 4, "alpha": 8, "dropout": 0.0},
                   "gradient_checkpointing": True,
-                  "cache_features": False},
+                  "cache_features": False,
+                  "checkpoint_every": 2},
         "eval": {"batch_size": 9, "max_new_tokens": MAX_NEW},
     }
     path = tmp_path / "real_micro.yaml"
@@ -165,6 +167,8 @@ def test_run_completes_with_rows_for_both_methods_and_modalities(real_run):
     for d in ("experts/image", "experts/point", "sequential/fine-tuning/stage_2_point",
               "sequential/mera-10/stage_2_point"):
         assert ckpt.is_done(out / d), d
+    # step checkpoints (checkpoint_every, as in configs/paper) are removed once their stage is done
+    assert not any(p.is_file() for p in (out / ".steps").rglob("*"))
 
 
 def test_mera_merges_by_cumulative_average_and_realigns(real_run):

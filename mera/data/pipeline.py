@@ -93,7 +93,10 @@ class FeatureProvider:
             for i in range(0, len(group), self.batch_size):
                 chunk = group[i : i + self.batch_size]
                 x = torch.stack([self.media(s) for s in chunk])
-                feats = enc(x).float()
+                ref = next(iter(enc.parameters()), None)  # the encoder's device and dtype (GPU, half)
+                if ref is not None:
+                    x = x.to(ref.device, ref.dtype if x.is_floating_point() else x.dtype)
+                feats = enc(x).float().cpu()
                 for s, f in zip(chunk, feats):
                     self._features[_key(s)] = f.clone()
                 bar.update(len(chunk))
