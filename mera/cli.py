@@ -139,7 +139,7 @@ def main(argv: list[str] | None = None) -> int:
     # key=value overrides may come before or after options (argparse stops positionals at options)
     args, extra = parser.parse_known_args(argv)
     if extra:
-        if args.command != "run" or any(x.startswith("-") or "=" not in x for x in extra):
+        if args.command != "run" or any(x.startswith("-") for x in extra):
             parser.error(f"unrecognized arguments: {' '.join(extra)}")
         args.overrides = list(args.overrides) + extra
     os.environ.setdefault("HF_HUB_OFFLINE", "1")  # never download at run time
@@ -153,6 +153,10 @@ def main(argv: list[str] | None = None) -> int:
             args.command, getattr(args, "func", None))(args)
     except MeraError as e:
         print(f"error: {e}", file=sys.stderr)
+        return 2
+    except OSError as e:  # e.g. disk full or a read-only folder while writing run files
+        where = f"{e.filename}: " if getattr(e, "filename", None) else ""
+        print(f"error: {where}{e.strerror or e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)

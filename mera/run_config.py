@@ -101,7 +101,8 @@ class PhaseConfig(StrictModel):
     @model_validator(mode="after")
     def _check(self):
         if self.batch_size < 1 or (self.micro_batch_size is not None and self.micro_batch_size < 1):
-            raise ValueError("batch sizes must be >= 1")
+            raise ValueError(f"batch sizes must be >= 1, got batch_size {self.batch_size}, "
+                             f"micro_batch_size {self.micro_batch_size}")
         if self.micro_batch_size and self.batch_size % self.micro_batch_size:
             raise ValueError(f"batch_size {self.batch_size} is not a multiple of micro_batch_size {self.micro_batch_size}")
         if not 0 <= self.warmup_ratio < 1:

@@ -49,6 +49,11 @@ class Result:
 
 def cli(*args) -> Result:
     """``mera ARGS`` in this process; a non-MeraError escaping main() is what would print a traceback."""
+    from transformers.utils import logging as hf_logging
+
+    # `python -m mera` turns the weight-loading bars off before transformers is imported; here
+    # transformers may already be imported (by a fixture or another test module), so do it now
+    hf_logging.disable_progress_bar()
     out, err = io.StringIO(), io.StringIO()
     try:
         with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
@@ -229,7 +234,7 @@ BAD_OVERRIDES = {
     "realign_ratio < 0": (["methods.0.realign_ratio=-0.1"], ["methods.0.realign_ratio", "(0, 1]", "got -0.1"]),
     "fisher_ratio > 1": (["methods.0.fisher_ratio=2"], ["methods.0.fisher_ratio", "(0, 1]", "got 2"]),
     "reserved method name": (["methods.0.name=expert"], ["methods", "'expert' is reserved"]),
-    "batch size 0": (["train.align.batch_size=0"], ["train.align", "batch sizes must be >= 1"]),
+    "batch size 0": (["train.align.batch_size=0"], ["train.align", "batch sizes must be >= 1, got batch_size 0"]),
     "max_test 0": (["data.max_test=0"], ["data.max_test", "greater than or equal to 1", "got 0"]),
     "unknown zoo path": (["model.llm=zoo:nope"], ["model.llm", "unknown zoo path 'zoo:nope'", "zoo:llm"]),
     "unknown zoo encoder": (["model.branches.image.encoder.path=zoo:encoders/imgae"],
@@ -286,8 +291,6 @@ def test_workers_not_an_integer(run):
     assert tree(out) == before
 
 
-@pytest.mark.xfail(strict=True, reason="cli.main sends a non key=value word after the options to parser.error "
-                                       "(usage + 'unrecognized arguments'), not to parse_override's one line")
 def test_override_after_the_options_that_is_not_key_value(run):
     cfg, out = run
     before = tree(out)
@@ -342,7 +345,7 @@ DATA_CASES = {
     "sample with two placeholders": ("qa_train.json", lambda d: _prompt(d, 2, lambda v: v + " <image>"),
                                      ["sample 2 (id 'image_qa_train_00002')", "exactly one '<image>', found 2"]),
     "another modality's placeholder": ("qa_test.json", lambda d: _prompt(d, 1, lambda v: v + " <audio>"),
-                                       ["sample 1", "must not contain ['<audio>']"]),
+                                       ["sample 1", "the human turn of an image sample must not contain ['<audio>']"]),
     "missing field": ("caption_test.json", lambda d: [{k: v for k, v in d[0].items() if k != "task"}] + d[1:],
                       ["sample 0", "missing field(s) ['task']"]),
     "unknown sample modality": ("caption_test.json", lambda d: [{**d[0], "modality": "imgae"}] + d[1:],
@@ -552,7 +555,8 @@ def test_stage_without_done_is_redone(run, resumable):
     assert "Traceback" not in r.err
     after = tree(out)
     assert (out / STAGE2 / "DONE").is_file()
-    assert without(after, STAGE2) == without(before, STAGE2)  # experts and stage 1 untouched
+    finished = lambda t: {k: v for k, v in t.items() if k.startswith(("experts/", STAGE1)) or k == "config.yaml"}  # noqa: E731
+    assert finished(after) == finished(before)  # experts and stage 1 untouched
     assert after[f"{STAGE2}/connectors.safetensors"] == tree(orig)[f"{STAGE2}/connectors.safetensors"]
     assert (out / "scores.csv").read_bytes() == (orig / "scores.csv").read_bytes()
 
@@ -632,8 +636,6 @@ def test_disk_full_keeps_the_previous_file(tmp_path, monkeypatch):
     assert [p.name for p in tmp_path.iterdir()] == ["connectors.safetensors"]  # no temporary file left
 
 
-@pytest.mark.xfail(strict=True, reason="an OSError outside the checkpoint files (predictions.jsonl, scores.csv, "
-                                       "report) escapes cli.main as a traceback; cli.main should catch OSError")
 def test_disk_full_while_writing_predictions(resumable, monkeypatch):
     import mera.io
 

@@ -64,7 +64,7 @@ def _check_placeholders(text: str, modality: str) -> str | None:
         return f"the human turn must contain exactly one {own!r}, found {n}"
     others = [p for m, p in PLACEHOLDERS.items() if m != modality and p in text]
     if others:
-        return f"the human turn of a {modality} sample must not contain {others}"
+        return f"the human turn of {'an' if modality[0] in 'aeiou' else 'a'} {modality} sample must not contain {others}"
     return None
 
 
