@@ -44,6 +44,9 @@ def _parser() -> argparse.ArgumentParser:
     add_generate_parser(sub)
     add_export_parser(sub)
     add_import_llava_parser(sub)
+    from mera.eval.profile_run import add_profile_parser
+
+    add_profile_parser(sub)
     from mera.data.convert import add_convert_parser
 
     data = sub.add_parser("data", help="real data sets: convert the official files to mera's format")

@@ -305,3 +305,19 @@ def test_paper_grid_dry_run_lists_exactly_the_grid(tmp_path):
     assert listed == want and len(listed) == 104
     assert "4 experts, 104 stages" in r.stdout
     assert not (tmp_path / "g").exists()
+
+
+def test_profile_command_refreshes_the_efficiency_table(micro_run, tmp_path):
+    from mera.eval.profile_run import profile_run
+
+    cfg_path, cfg, out = micro_run
+    copy = tmp_path / "copy"
+    shutil.copytree(out, copy)
+    prof = profile_run(copy, rounds=2, config_dir=cfg_path.parent, log=lambda m: None)
+    assert list(prof) == [m.name for m in cfg.methods]
+    assert all(len(p["ms_per_token_all"]) == 2 and p["ms_per_token"] > 0 for p in prof.values())
+    eff = json.loads((copy / "efficiency.json").read_text())
+    assert eff["PathWeave"]["infer_profile"].startswith("mera profile")
+    assert eff["PathWeave"]["llm_params_m"] > eff["MERA (10%)"]["llm_params_m"] == eff["Fine-Tuning"]["llm_params_m"]
+    assert f"{prof['PathWeave']['ms_per_token']:.2f}" in (copy / "report.md").read_text()
+    assert (copy / "scores.csv").read_bytes() == (out / "scores.csv").read_bytes()  # scores untouched
