@@ -278,15 +278,21 @@ def _line_figure(series: dict[str, list[float]], ylabel: str, title: str) -> byt
     FigureCanvasAgg(fig)
     ax = fig.add_subplot(1, 1, 1)
     n = max(len(v) for v in series.values())
-    for method, values in series.items():
-        ax.plot(range(1, len(values) + 1), values, marker="o", label=method)
+    markers = "osD^v<>ph*"
+    for k, (method, values) in enumerate(series.items()):
+        # matplotlib's 10 colours repeat: later series get another line style and marker
+        ax.plot(range(1, len(values) + 1), values, marker=markers[k % len(markers)],
+                linestyle=("-", "--", ":")[(k // 10) % 3], label=method)
     ax.axhline(100.0, color="grey", linestyle="--", linewidth=0.8)
     ax.set_xticks(range(1, n + 1))
     ax.set_xlabel("stage")
     ax.set_ylabel(ylabel)
     ax.set_title(title)
     ax.grid(True, alpha=0.3)
-    ax.legend(fontsize="small", loc="best")
+    if len(series) > 6:  # many methods: the legend goes beside the axes, not over the lines
+        ax.legend(fontsize="small", loc="upper left", bbox_to_anchor=(1.02, 1.0))
+    else:
+        ax.legend(fontsize="small", loc="best")
     return _png(fig)
 
 
