@@ -92,6 +92,10 @@ def cmd_run(args) -> int:
         print(f"{len(plan['experts'])} experts, {len(plan['stages'])} stages")
         return 0
     scores = runner.run()
+    from mera import dist
+
+    if not dist.is_main():  # under a distributed launch only the main process prints the report
+        return 0
     if (out / "report.md").is_file():
         print((out / "report.md").read_text())
     print(f"run directory: {out}\n  scores:  {scores}\n  report:  {out / 'report.md'}\n  figures: {out / 'figures'}")

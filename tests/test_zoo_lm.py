@@ -204,6 +204,7 @@ def zoo_env(zb, monkeypatch, tmp_path):
     fake = types.ModuleType("mera.model.encoders.toy")
     fake.pretrain_toy_encoders = FakeEncoders()
     monkeypatch.setitem(sys.modules, "mera.model.encoders.toy", fake)
+    monkeypatch.setattr(zb, "_cores", lambda: 1)  # the fake encoders live in this process: no second one
     cfg = zb.ZooConfig(lm=LMConfig(**{**TINY_LM, "steps": 3, "n_eval": 10}), n_text_pairs=200)
     return cfg, fake, tmp_path / "home"
 

@@ -11,6 +11,12 @@ Run directory (the single source of truth; every step can be resumed from it):
 
 Seeds are derived from (run seed, what is being trained), never from what ran before,
 so a resumed run trains exactly what an uninterrupted one would.
+
+Several processes (``torchrun`` / ``accelerate launch``, docs/distributed.md) run the same
+stage loop together: every process trains every stage (each micro-batch split across them,
+see mera.train.loop) and generates its share of the evaluation batches; only the main process
+writes to the run directory (and clears unfinished stage folders), and a barrier follows each
+write that the others then read (a finished stage, before its DONE is checked or it is loaded).
 """
 
 from __future__ import annotations
@@ -19,6 +25,7 @@ import csv
 import hashlib
 import io
 import json
+import os
 import re
 import shutil
 import time
@@ -27,6 +34,7 @@ from pathlib import Path
 import torch
 import yaml
 
+from mera import dist
 from mera.config import dump_config, validate
 from mera.continual import checkpoint as ckpt
 from mera.continual.strategies import StageContext, Strategy, build_strategy
@@ -77,7 +85,19 @@ class Runner:
         self.log = log or (lambda msg: print(msg, flush=True))
         self.sets = {}
         self.encoders = {}
-        self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        self.device = dist.device()  # under a launcher: this process's own GPU
+        self.main = dist.is_main()  # under a launcher only the main process writes (and logs)
+        if dist.world_size() > 1:
+            if self.workers > 1:
+                raise ConfigError(f"--workers {self.workers} cannot be combined with a multi-process launch "
+                                  f"({dist.world_size()} processes: torchrun / accelerate launch); use one or "
+                                  "the other")
+            if not self.main:
+                self.log = lambda msg: None
+                self.progress = False
+            if cfg.threads:  # the processes of one machine share the config's CPU threads, as --workers does
+                local = int(os.environ.get("LOCAL_WORLD_SIZE", dist.world_size()))
+                self.threads = max(1, cfg.threads // max(1, local))
 
     # ------------------------------------------------------------------ plan
     def plan(self) -> dict:
@@ -184,7 +204,10 @@ class Runner:
             raise CheckpointError(f"{self.tok_path}: cannot load the tokenizer ({e})") from None
         for m, b in self.cfg.model.branches.items():
             path = self.resolve(b.encoder.path) if b.encoder.path else None
-            self.encoders[m] = load_encoder(b.encoder.family, path, **b.encoder.options).to(self.device)
+            try:
+                self.encoders[m] = load_encoder(b.encoder.family, path, **b.encoder.options).to(self.device)
+            except MeraError as e:
+                raise type(e)(f"model.branches.{m}.encoder: {e}") from None
         self.provider = FeatureProvider(self.encoders, cache=self.cfg.train.cache_features, progress=self.progress)
         from mera.eval.judges import get_judge
 
@@ -202,9 +225,11 @@ class Runner:
         from mera.model.mllm import MultimodalLM
 
         dtype = getattr(torch, self.cfg.model.dtype)
+        from safetensors import SafetensorError
+
         try:
             llm = AutoModelForCausalLM.from_pretrained(self.llm_path, dtype=dtype)
-        except (OSError, ValueError) as e:
+        except (OSError, ValueError, SafetensorError) as e:
             raise CheckpointError(f"{self.llm_path}: cannot load the language model ({e})") from None
         llm.requires_grad_(False)
         return MultimodalLM(llm.to(self.device), self.tokenizer)
@@ -260,8 +285,19 @@ class Runner:
             from mera.continual.strategies.pathweave import install_from_state
 
             install_from_state(model.llm, layout, ckpt.load_strategy_tensors(folder))
+        manifest = ckpt.read_manifest(folder)
         for m, state in ckpt.load_connectors(folder).items():
-            self.add_branch(model, m, state)
+            if m not in self.cfg.model.branches:
+                raise CheckpointError(f"{folder}: the stage has a {m!r} connector, but the config has no such branch "
+                                      f"(branches: {', '.join(self.cfg.model.branches)})")
+            try:
+                self.add_branch(model, m, state)
+            except RuntimeError as e:  # size mismatch: a checkpoint of another model config
+                last = str(e).strip().splitlines()[-1].strip()
+                raise CheckpointError(
+                    f"{folder / manifest['connectors']}: the {m!r} connector does not fit the configured "
+                    f"{self.cfg.model.branches[m].connector.type} connector ({last}); "
+                    "a checkpoint of another model config?") from None
         return model
 
     def connector_states(self, model) -> dict:
@@ -284,7 +320,7 @@ class Runner:
                           batch_size=pc.batch_size, micro_batch_size=pc.micro_batch_size, epochs=pc.epochs,
                           warmup_ratio=pc.warmup_ratio, weight_decay=pc.weight_decay,
                           max_grad_norm=pc.max_grad_norm, seed=seed, extra_loss=extra_loss, desc=desc,
-                          progress=self.progress, checkpoint=ck)
+                          progress=self.progress, checkpoint=ck, num_workers=self.cfg.train.num_workers)
         for p in model.parameters():
             p.requires_grad_(False)
         return res
@@ -306,16 +342,7 @@ class Runner:
         # step B: instruct (new connector + LoRA; strategies may add data, parameters, a loss term)
         own = strategy.llm_params(ctx)
         if own is not None:  # a strategy with its own LLM modules (PathWeave) instead of a LoRA
-            strategy.before_instruct(ctx)
-            groups = [{"params": conn, "lr": tc.instruct.lr_connector},
-                      {"params": own, "lr": tc.instruct.lr_lora or tc.instruct.lr_connector}]
-            for _name, params in strategy.instruct_extra_params(ctx):
-                groups.append({"params": params, "lr": tc.instruct.lr_connector})
-            data = self.sets[m].train + strategy.instruct_extra_data(ctx)
-            res = self._phase(model, groups, data, tc.instruct, seed_for(ctx.seed, "instruct"), f"{tag} instruct",
-                              extra_loss=strategy.extra_loss(ctx))
-            ctx.log["instruct"] = _phase_log(res)
-            strategy.after_instruct(ctx)
+            self._instruct(model, ctx, strategy, conn, own, tag)
             return list(ctx.llm_deltas)
         deltas = []
         cont = strategy.continue_lora(ctx)  # a strategy may continue the previous stage's adapter (EWC)
@@ -326,21 +353,7 @@ class Runner:
         model.llm = attach_lora(model.llm, tc.lora, seed_for(ctx.seed, "lora"))
         if cont is not None:
             load_lora(model.llm, cont[0])
-        strategy.before_instruct(ctx)
-        if tc.gradient_checkpointing:
-            model.llm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        lora_params = [p for n, p in model.llm.named_parameters() if "lora_" in n]
-        groups = [{"params": conn, "lr": tc.instruct.lr_connector},
-                  {"params": lora_params, "lr": tc.instruct.lr_lora or tc.instruct.lr_connector}]
-        for _name, params in strategy.instruct_extra_params(ctx):
-            groups.append({"params": params, "lr": tc.instruct.lr_connector})
-        data = self.sets[m].train + strategy.instruct_extra_data(ctx)
-        res = self._phase(model, groups, data, tc.instruct, seed_for(ctx.seed, "instruct"), f"{tag} instruct",
-                          extra_loss=strategy.extra_loss(ctx))
-        ctx.log["instruct"] = _phase_log(res)
-        strategy.after_instruct(ctx)
-        if tc.gradient_checkpointing:
-            model.llm.gradient_checkpointing_disable()
+        self._instruct(model, ctx, strategy, conn, list(self.lora_params(model).values()), tag)
         delta = extract_lora(model.llm)
         model.llm = detach_lora(model.llm)
         coef = strategy.merge_coefficient(ctx)
@@ -349,6 +362,27 @@ class Runner:
         deltas.append((delta, coef))
         ctx.log["merge_coef"] = coef
         return deltas
+
+    def _instruct(self, model, ctx: StageContext, strategy: Strategy, conn, llm_params, tag: str) -> None:
+        """Step B: the new connector and ``llm_params`` (LoRA, or a strategy's own modules) on the
+        new modality's captions + QA, plus what the strategy adds (data, parameters, a loss)."""
+        tc = self.cfg.train
+        strategy.before_instruct(ctx)
+        if tc.gradient_checkpointing:
+            model.llm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        groups = [{"params": conn, "lr": tc.instruct.lr_connector},
+                  {"params": llm_params, "lr": tc.instruct.lr_lora or tc.instruct.lr_connector}]
+        for _name, params in strategy.instruct_extra_params(ctx):
+            groups.append({"params": params, "lr": tc.instruct.lr_connector})
+        data = self.sets[ctx.modality].train + strategy.instruct_extra_data(ctx)
+        try:
+            res = self._phase(model, groups, data, tc.instruct, seed_for(ctx.seed, "instruct"), f"{tag} instruct",
+                              extra_loss=strategy.extra_loss(ctx))
+        finally:
+            if tc.gradient_checkpointing:
+                model.llm.gradient_checkpointing_disable()
+        ctx.log["instruct"] = _phase_log(res)
+        strategy.after_instruct(ctx)
 
     def lora_params(self, model) -> dict[str, torch.nn.Parameter]:
         """The trainable LoRA parameters of the (peft-wrapped) LLM, by name."""
@@ -423,7 +457,8 @@ class Runner:
             preds += [{"modality": m, **p} for p in ex["predictions"]]
             shown = ", ".join(f"{x['task']} {x['score']:.3g}" for x in r)
             self.log(f"    eval {m:6s} {shown}   e.g. {ex.get('caption', [('', '')])[0][1]!r}")
-        write_text(folder / "predictions.jsonl", "".join(json.dumps(p) + "\n" for p in preds))
+        if self.main:
+            write_text(folder / "predictions.jsonl", "".join(json.dumps(p) + "\n" for p in preds))
         return rows
 
     # ------------------------------------------------------------------ experts and stages
@@ -432,7 +467,8 @@ class Runner:
         if ckpt.is_done(folder):
             self.log(f"[expert {modality}] done, skipped")
             return
-        _clean(folder)
+        if self.main:
+            _clean(folder)
         self._steps_dir = self.steps_dir(folder)
         t0 = time.perf_counter()
         self.log(f"[expert {modality}] training")
@@ -447,12 +483,15 @@ class Runner:
                 deltas = []
             else:
                 deltas = self.train_modality(model, ctx, FineTune())
-        ckpt.save_stage(folder, parent=None, deltas=deltas, connectors=self.connector_states(model),
-                        info={"kind": "expert", "modality": modality, "log": ctx.log, "cost": cost.info})
+        if self.main:
+            ckpt.save_stage(folder, parent=None, deltas=deltas, connectors=self.connector_states(model),
+                            info={"kind": "expert", "modality": modality, "log": ctx.log, "cost": cost.info})
         rows = self.evaluate(model, [modality], folder)
-        _write_rows(folder / "scores.csv", [{"method": "expert", "order": "", "stage": "", **r} for r in rows])
-        ckpt.mark_done(folder)
-        shutil.rmtree(self._steps_dir, ignore_errors=True)
+        if self.main:
+            _write_rows(folder / "scores.csv", [{"method": "expert", "order": "", "stage": "", **r} for r in rows])
+            ckpt.mark_done(folder)
+            shutil.rmtree(self._steps_dir, ignore_errors=True)
+        dist.barrier()  # the expert is DONE for every process
         self.log(f"[expert {modality}] {time.perf_counter() - t0:.1f}s")
 
     def run_method(self, order_name: str, method: MethodConfig) -> None:
@@ -468,14 +507,17 @@ class Runner:
                 continue
             if model is None:
                 model = self.load_stage(prev) if i > 1 else None
-            _clean(folder)
+            if self.main:
+                _clean(folder)
             self._steps_dir = self.steps_dir(folder)
             t0 = time.perf_counter()
             self.log(f"[{order_name} / {method.name}] stage {i} {m}")
             if i == 1:  # stage 1 of every method is the expert of the first modality
                 expert = self.expert_dir(m)
-                ckpt.save_stage(folder, parent=expert, deltas=[], connectors=ckpt.load_connectors(expert),
-                                info={"kind": "stage", "stage": 1, "modality": m, "same_as": "expert"})
+                if self.main:
+                    ckpt.save_stage(folder, parent=expert, deltas=[], connectors=ckpt.load_connectors(expert),
+                                    info={"kind": "stage", "stage": 1, "modality": m, "same_as": "expert"})
+                dist.barrier()  # written by the main process, loaded by every one
                 rows = _read_rows(expert / "scores.csv")
                 model = self.load_stage(folder) if len(order) > 1 else None
             else:
@@ -485,18 +527,22 @@ class Runner:
                 with self.cost() as cost:
                     deltas = self.train_modality(model, ctx, strategy)
                     strategy.after_stage(ctx)
-                ckpt.save_stage(folder, parent=prev, deltas=deltas, connectors=self.connector_states(model),
-                                tensors=ctx.tensors,
-                                info={"kind": "stage", "stage": i, "modality": m, "log": ctx.log, "cost": cost.info,
-                                      **({"llm_modules": ctx.llm_modules} if ctx.llm_modules else {})})
+                if self.main:
+                    ckpt.save_stage(folder, parent=prev, deltas=deltas, connectors=self.connector_states(model),
+                                    tensors=ctx.tensors,
+                                    info={"kind": "stage", "stage": i, "modality": m, "log": ctx.log,
+                                          "cost": cost.info,
+                                          **({"llm_modules": ctx.llm_modules} if ctx.llm_modules else {})})
                 rows = self.evaluate(model, order[:i], folder)
-                if i == len(order) and order_name == next(iter(self.cfg.orders)):
+                if self.main and i == len(order) and order_name == next(iter(self.cfg.orders)):
                     self.profile(model, order, folder)
-            rows = [{**r, "method": method.name, "order": order_name, "stage": i} for r in rows]
-            _write_rows(folder / "scores.csv", rows)
-            ckpt.mark_done(folder)
-            shutil.rmtree(self._steps_dir, ignore_errors=True)
-            self.assemble_scores()
+            if self.main:
+                rows = [{**r, "method": method.name, "order": order_name, "stage": i} for r in rows]
+                _write_rows(folder / "scores.csv", rows)
+                ckpt.mark_done(folder)
+                shutil.rmtree(self._steps_dir, ignore_errors=True)
+                self.assemble_scores()
+            dist.barrier()  # the stage is DONE (and loadable) for every process
             self.log(f"    stage {i} done in {time.perf_counter() - t0:.1f}s")
             prev = folder
 
@@ -564,8 +610,12 @@ class Runner:
 
     def run(self) -> Path:
         self.prepare_dir(write=False)  # fail fast, before any set-up work
-        self.setup()  # bad paths or files fail here, before the run directory exists
-        self.prepare_dir()
+        dist.barrier()  # every process has looked at the directory before the main one writes to it
+        with dist.main_process_first():  # the main process builds the zoo / toy data; the others read them
+            self.setup()  # bad paths or files fail here, before the run directory exists
+        if self.main:
+            self.prepare_dir()
+        dist.barrier()
         t0 = time.perf_counter()
         experts = [("expert", m) for m in self.plan()["experts"]]
         chains = [("chain", oname, k) for oname in self.cfg.orders for k in range(len(self.cfg.methods))]
@@ -575,6 +625,16 @@ class Runner:
         else:
             for task in experts + chains:
                 self.run_task(task)
+        if not self.main:
+            dist.barrier()  # wait for the main process's scores, efficiency table and report
+            return self.out / "scores.csv"
+        try:
+            return self._finish(t0)
+        finally:
+            dist.barrier()
+
+    def _finish(self, t0: float) -> Path:
+        """scores.csv, efficiency.json and the report (the main process)."""
         scores = self.assemble_scores()
         self.log(f"all stages done in {time.perf_counter() - t0:.1f}s; scores: {scores}")
         from mera.eval.report import write_report
@@ -631,14 +691,15 @@ class _Cost:
     def __exit__(self, *exc):
         self.pm.__exit__(*exc)
         self.info = {"seconds": round(time.perf_counter() - self.t0, 2), "peak_mib": round(self.pm.peak_mib, 1),
-                     "memory_kind": self.pm.kind}
+                     "memory_kind": self.pm.kind, "processes": dist.world_size()}  # peak: the main process's
         return False
 
 
 def _phase_log(res: PhaseResult) -> dict:
     return {"steps": res.steps, "seconds": round(res.seconds, 2),
             "loss_first": round(res.losses[0], 4) if res.losses else None,
-            "loss_last": round(res.losses[-1], 4) if res.losses else None}
+            "loss_last": round(res.losses[-1], 4) if res.losses else None,
+            "losses": [round(x, 6) for x in res.losses]}  # one per optimizer step
 
 
 def _clean(folder: Path) -> None:

@@ -3,6 +3,21 @@
 Readable in one sitting: seeded data order, AdamW with per-group learning rates, cosine
 schedule with linear warmup, gradient accumulation to reach the effective batch size,
 gradient clipping, an optional extra loss term (a strategy's penalty), a progress bar.
+
+Several processes (``torchrun`` / ``accelerate launch``, see docs/distributed.md) train one
+phase together and take the same optimizer steps as one process would:
+
+* ``split_batches=True``: each micro-batch of the (seeded, identical on every process) data
+  order is split across the processes, so the effective batch, the data order and the
+  number of optimizer (and scheduler) steps do not depend on the number of processes. A
+  micro-batch that does not split evenly (the last one of an epoch, or a micro-batch size
+  that is not a multiple of the number of processes) is padded with weightless copies
+  (labels masked) so that every process gets a piece of the same size.
+* the loss of each process is weighted by its share of the micro-batch's labelled tokens,
+  so that DDP's mean over processes is the token mean over the whole micro-batch, as in
+  one process (the mean of per-process means would weigh tokens differently).
+* ``find_unused_parameters=True``: in a mixed-modality batch (replay, realign) a process's
+  piece may hold no sample of some modality, leaving that connector without a gradient there.
 """
 
 from __future__ import annotations
@@ -14,7 +29,7 @@ from typing import Callable
 
 import torch
 from accelerate import Accelerator
-from torch.utils.data import DataLoader
+from torch.utils.data import BatchSampler, DataLoader, Dataset, RandomSampler
 from tqdm.auto import tqdm
 from transformers import get_cosine_schedule_with_warmup
 
@@ -51,6 +66,9 @@ def _save_state(ck: StepCheckpoint, params, optimizer, scheduler, gen_state, sta
         for k, v in st.items():
             tensors[f"opt.{i}.{k}"] = v.detach().cpu().contiguous() if torch.is_tensor(v) else torch.tensor(v)
     tensors["rng.torch"] = torch.get_rng_state()
+    if torch.cuda.is_available():  # dropout on a GPU draws from the CUDA generators
+        for d, st in enumerate(torch.cuda.get_rng_state_all()):
+            tensors[f"rng.cuda.{d}"] = st
     tensors["rng.epoch"] = gen_state
     t_file, j_file = ck.files()
     with atomic_path(t_file) as tmp:
@@ -93,7 +111,82 @@ def _load_state(ck: StepCheckpoint, params, optimizer, scheduler) -> tuple[dict,
     sched.update(state["scheduler"])
     scheduler.load_state_dict(sched)
     torch.set_rng_state(tensors["rng.torch"])
+    cuda = [tensors[k] for k in sorted((k for k in tensors if k.startswith("rng.cuda.")), key=lambda k: int(k[9:]))]
+    if cuda and torch.cuda.is_available() and len(cuda) == torch.cuda.device_count():
+        torch.cuda.set_rng_state_all(cuda)
     return state, tensors["rng.epoch"]
+
+
+class _SplitBatches:
+    """The micro-batches of ``batch_sampler``, each laid out for accelerate's ``split_batches``
+    over ``world`` processes: ``world`` contiguous pieces of ``per`` indices, the real samples
+    spread as evenly as possible (in order), the free places filled with ``-1 - i`` (a
+    weightless copy of sample ``i``, the micro-batch's first one)."""
+
+    drop_last = False
+
+    def __init__(self, batch_sampler: BatchSampler, world: int):
+        self.batch_sampler = batch_sampler
+        self.sampler = batch_sampler.sampler  # where accelerate finds the shuffling generator
+        self.world = world
+        self.per = math.ceil(batch_sampler.batch_size / world)
+        self.batch_size = self.per * world
+
+    def __len__(self):
+        return len(self.batch_sampler)
+
+    def __iter__(self):
+        for batch in self.batch_sampler:
+            n, out, start = len(batch), [], 0
+            for r in range(self.world):
+                c = n // self.world + (r < n % self.world)
+                out += batch[start:start + c] + [-1 - batch[0]] * (self.per - c)
+                start += c
+            yield out
+
+
+class _Weighted(Dataset):
+    """``dataset`` where index ``-1 - i`` is a weightless copy of item ``i`` (see _SplitBatches)."""
+
+    def __init__(self, dataset):
+        self.dataset = dataset
+
+    def __len__(self):
+        return len(self.dataset)
+
+    def __getitem__(self, i):
+        return (self.dataset[i], True) if i >= 0 else (self.dataset[-1 - i], False)
+
+
+_REAL = "_mera_real_samples"
+
+
+class _WeightedCollate:
+    """Collate the items of ``_Weighted``; the copies' labels are masked (-100), so that they add
+    nothing to the loss; the number of real samples goes in the batch under ``_REAL``."""
+
+    def __init__(self, collate_fn):
+        self.collate_fn = collate_fn
+
+    def __call__(self, items):
+        batch = self.collate_fn([it for it, _ in items])
+        real = torch.tensor([r for _, r in items])
+        if not bool(real.all()):
+            if not (isinstance(batch, dict) and torch.is_tensor(batch.get("labels"))):
+                raise MeraError("training on several processes pads uneven micro-batches with masked copies, "
+                                "which needs batches with 'labels'")
+            batch["labels"][~real] = -100
+        batch[_REAL] = int(real.sum())
+        return batch
+
+
+def _weight(batch: dict, n_real: int) -> torch.Tensor:
+    """What a process's loss is weighted by: its labelled next-token positions (the loss of
+    MultimodalLM is their mean), else its number of real samples."""
+    labels = batch.get("labels") if isinstance(batch, dict) else None
+    if torch.is_tensor(labels):
+        return (labels[:, 1:] != -100).sum().float()
+    return torch.tensor(float(n_real))
 
 
 @dataclass
@@ -121,11 +214,15 @@ def train_phase(
     progress: bool = True,
     accelerator: Accelerator | None = None,
     checkpoint: StepCheckpoint | None = None,
+    num_workers: int = 0,
 ) -> PhaseResult:
     """Train the parameters of ``param_groups`` (each ``{"params": [...], "lr": float}``) on ``dataset``.
 
     ``epochs`` may be fractional. The effective batch is ``batch_size``; it is split into
-    micro-batches of ``micro_batch_size`` with gradient accumulation.
+    micro-batches of ``micro_batch_size`` with gradient accumulation. Under several processes
+    each micro-batch is split across them (see the module's docstring): the optimizer steps,
+    the losses and the step checkpoints (saved by the main process) are those of one process,
+    up to floating-point rounding.
     """
     import time
 
@@ -135,13 +232,32 @@ def train_phase(
         return PhaseResult()
     micro = min(micro_batch_size or batch_size, batch_size)
     accum = max(1, batch_size // micro)
-    acc = accelerator or Accelerator(cpu=not torch.cuda.is_available(), gradient_accumulation_steps=accum)
+    own = accelerator is None
+    if own:
+        from accelerate.utils import DataLoaderConfiguration, DistributedDataParallelKwargs
+
+        # cpu=True is what makes accelerate set up a (gloo) process group on CPU; split_batches:
+        # a loader batch is the micro-batch of all processes together; find_unused_parameters:
+        # a connector may get no gradient in a mixed-modality batch (replay, realign)
+        accelerator = Accelerator(cpu=not torch.cuda.is_available(), gradient_accumulation_steps=accum,
+                                  dataloader_config=DataLoaderConfiguration(split_batches=True),
+                                  kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True)])
+    acc = accelerator
     acc.gradient_accumulation_steps = accum
+    world = acc.num_processes
+    if world > 1 and not acc.split_batches:
+        raise MeraError("train_phase on several processes needs an Accelerator with split_batches=True")
 
     gen = torch.Generator().manual_seed(seed)
-    loader = DataLoader(dataset, batch_size=micro, shuffle=True, generator=gen, collate_fn=collate_fn, drop_last=False)
-    # the schedule is laid out on the whole data set; under several processes accelerate
-    # advances it once per process at each step, and each process sees its shard only
+    if world == 1:
+        loader = DataLoader(dataset, batch_size=micro, shuffle=True, generator=gen, collate_fn=collate_fn,
+                            drop_last=False, num_workers=num_workers)
+    else:  # the same batches, each split across the processes by accelerate (the same draws from gen)
+        batches = _SplitBatches(BatchSampler(RandomSampler(dataset, generator=gen), micro, drop_last=False), world)
+        loader = DataLoader(_Weighted(dataset), batch_sampler=batches, generator=gen,
+                            collate_fn=_WeightedCollate(collate_fn), num_workers=num_workers)
+    # the schedule is laid out on the whole data set: with split_batches accelerate advances
+    # it once per optimizer step whatever the number of processes
     sched_steps = max(1, math.ceil(max(1, int(round(len(loader) * epochs))) / accum))
     warmup = int(math.ceil(warmup_ratio * sched_steps))
 
@@ -166,6 +282,8 @@ def train_phase(
             result.losses, result.steps = list(state["losses"]), state["steps"]
             skip = done_micro - epoch_start
             gen.set_state(epoch_gen)
+        if world > 1:  # everyone has read the checkpoint before the main process writes it again
+            acc.wait_for_everyone()
     bar = tqdm(total=total_steps, initial=result.steps, desc=desc,
                disable=not progress or not acc.is_local_main_process, leave=False)
     while done_micro < total_micro:
@@ -177,15 +295,27 @@ def train_phase(
                 skip -= 1
                 continue
             with acc.accumulate(model):
-                loss = model(batch).loss
+                if world == 1:
+                    loss = model(batch).loss
+                    shown = loss
+                else:
+                    n_real = batch.pop(_REAL)
+                    local = model(batch).loss
+                    n = _weight(batch, n_real).to(local.device)
+                    tot = acc.reduce(torch.stack([n, local.detach().float() * n]), reduction="sum")
+                    # DDP averages the gradients over the processes: weighted so, the mean is
+                    # the token mean over the whole micro-batch, as in one process
+                    loss = local * (n * world / tot[0].clamp(min=1))
+                    shown = tot[1] / tot[0].clamp(min=1)  # the loss one process would see
                 if extra_loss is not None:
                     extra = extra_loss()
-                    if extra is not None:
+                    if extra is not None:  # the same on every process: DDP's mean leaves it as it is
                         loss = loss + extra
-                if not torch.isfinite(loss.detach()).all():  # stop before a NaN step spoils the weights
+                        shown = shown + extra if world > 1 else loss
+                if not torch.isfinite(shown.detach()).all():  # stop before a NaN step spoils the weights
                     phase = desc.split()[-1] if desc else ""
                     knob = f"train.{phase}'s learning rates" if phase in ("align", "instruct", "realign") else "the learning rate"
-                    raise MeraError(f"{desc}: the training loss is {loss.detach().float().item()} at step "
+                    raise MeraError(f"{desc}: the training loss is {shown.detach().float().item()} at step "
                                     f"{result.steps + 1} of {total_steps} (micro-batch {done_micro + 1}); training "
                                     f"stopped before that step (lower {knob}, or check the data)")
                 acc.backward(loss)
@@ -194,7 +324,7 @@ def train_phase(
                 optimizer.step()
                 scheduler.step()
                 optimizer.zero_grad(set_to_none=True)
-            window.append(loss.detach().float().item())
+            window.append(shown.detach().float().item())
             done_micro += 1
             if acc.sync_gradients or done_micro == total_micro:
                 result.losses.append(sum(window) / len(window))
@@ -216,5 +346,13 @@ def train_phase(
                      "steps": result.steps, "complete": True})
     bar.close()
     model.eval()
+    if own and world > 1:
+        # drop the DDP wrapper (and its gradient hooks on the shared parameters) before the next
+        # phase wraps the model again
+        acc.free_memory(model, optimizer, loader, scheduler)
+        del model, optimizer, loader, scheduler
+        import gc
+
+        gc.collect()
     result.seconds = time.perf_counter() - t0
     return result
