@@ -13,35 +13,10 @@ import pytest
 
 from mera.errors import CheckpointError, ConfigError
 from mera.generate import add_generate_parser, answer, answer_batch, generate_command, load_target
-from test_import_export import micro_run
+# the same module-scoped fixtures (an imported tiny LLaVA + a toy point branch, run once)
+from test_import_export import exported, run, runner  # noqa: F401
 
 pytestmark = pytest.mark.slow
-
-
-@pytest.fixture(scope="module")
-def run(tmp_path_factory):
-    base = tmp_path_factory.getbasetemp() / "llava-micro"
-    mp = pytest.MonkeyPatch()
-    mp.setenv("MERA_HOME", str(base / "home"))
-    yield micro_run(base)
-    mp.undo()
-
-
-@pytest.fixture(scope="module")
-def runner(run):
-    from mera.export import runner_for
-
-    return runner_for(run["run"])
-
-
-@pytest.fixture(scope="module")
-def exported(run, runner):
-    from mera.export import export_stage
-
-    out = run["base"] / "export-stage2"
-    if not (out / "manifest.json").is_file():
-        export_stage(run["stage2"], out, runner=runner)
-    return out
 
 
 @pytest.fixture(scope="module")

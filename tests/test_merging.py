@@ -1,5 +1,6 @@
 """The factored CMA merge equals dense averaging of the two materialised models."""
 
+import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
@@ -61,3 +62,29 @@ def test_factored_merge_equals_dense_average_over_stages():
         assert diff < 1e-5, (stage, diff)
     # and the merged model is not the last vanilla model (the merge did something)
     assert max((vanilla[k] - dense_model[k]).abs().max().item() for k in vanilla) > 1e-3
+
+
+def test_merge_only_strategy_uses_the_cma_coefficient():
+    from types import SimpleNamespace
+
+    from mera.continual.strategies import build_strategy
+
+    merge_only = build_strategy(["merge"], replay_ratio=0.1)
+    mera = build_strategy(["merge", "realign"], replay_ratio=0.1)
+    for i in (2, 3, 4, 7):
+        ctx = SimpleNamespace(stage=i)
+        assert merge_only.merge_coefficient(ctx) == mera.merge_coefficient(ctx) == pytest.approx(1 / i)
+    assert build_strategy(["finetune"], 0.1).merge_coefficient(SimpleNamespace(stage=3)) == 1.0
+
+
+def test_ewc_penalty_is_zero_at_the_anchor_and_grows_with_the_distance():
+    from mera.continual.strategies.ewc import ewc_penalty
+
+    anchor = {"w": torch.tensor([1.0, -2.0, 0.5])}
+    fisher = {"w": torch.tensor([0.3, 0.0, 2.0])}
+    assert ewc_penalty(anchor, anchor, fisher, 1.0).item() == 0.0
+    direction = torch.tensor([1.0, 1.0, -1.0])
+    values = [ewc_penalty({"w": anchor["w"] + t * direction}, anchor, fisher, 1.0).item() for t in (0.1, 0.5, 1, 2)]
+    assert all(a < b for a, b in zip(values, values[1:]))
+    # lambda/2 * (0.3 * 1 + 0 * 1 + 2 * 1) at t = 1
+    assert values[2] == pytest.approx(0.5 * 2.3)
