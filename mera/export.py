@@ -501,8 +501,9 @@ def guess_config_dir(cfg, run_dir: Path, config_dir: str | os.PathLike | None = 
     return Path.cwd()
 
 
-def runner_for(run_dir: Path, config_dir=None, progress: bool = False):
-    """A set-up :class:`~mera.continual.runner.Runner` of the finished run in ``run_dir``."""
+def runner_for(run_dir: Path, config_dir=None, progress: bool = False, data: bool = False):
+    """A set-up :class:`~mera.continual.runner.Runner` of the finished run in ``run_dir``: enough to
+    load and use its stages (``data=True`` also loads its data sets; the judge is never built)."""
     from mera.config import load_config
     from mera.continual.runner import Runner
     from mera.run_config import RunConfig
@@ -510,7 +511,7 @@ def runner_for(run_dir: Path, config_dir=None, progress: bool = False):
     cfg = load_config(run_dir / "config.yaml", [], RunConfig)
     runner = Runner(cfg, run_dir, config_dir=guess_config_dir(cfg, run_dir, config_dir), resume=True,
                     progress=progress, log=lambda msg: None)
-    runner.setup()
+    runner.setup(data=data, judge=False)
     return runner
 
 

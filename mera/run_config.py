@@ -131,7 +131,7 @@ class TrainConfig(StrictModel):
     lora: LoraSettings = Field(default_factory=LoraSettings)
     # frozen encoders are deterministic: compute each set's features once and reuse them
     cache_features: bool = True
-    # recompute the LLM's activations in the backward pass of step B (GPU memory for time)
+    # recompute the LLM's activations in the backward pass of every phase (GPU memory for time)
     gradient_checkpointing: bool = False
     # save each phase's full training state every N optimizer steps (0: never), under
     # <run>/.steps/, so that --resume continues a long phase where it stopped

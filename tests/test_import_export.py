@@ -324,7 +324,7 @@ def test_micro_run_with_the_imported_image_branch(run):
 def runner(run):
     from mera.export import runner_for
 
-    return runner_for(run["run"])
+    return runner_for(run["run"], data=True)  # the tests compare with the run's own test sets
 
 
 @pytest.fixture(scope="module")

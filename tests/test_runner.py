@@ -321,3 +321,23 @@ def test_profile_command_refreshes_the_efficiency_table(micro_run, tmp_path):
     assert eff["PathWeave"]["llm_params_m"] > eff["MERA (10%)"]["llm_params_m"] == eff["Fine-Tuning"]["llm_params_m"]
     assert f"{prof['PathWeave']['ms_per_token']:.2f}" in (copy / "report.md").read_text()
     assert (copy / "scores.csv").read_bytes() == (out / "scores.csv").read_bytes()  # scores untouched
+
+
+def test_gradient_checkpointing_gives_the_same_training(micro_run):
+    from mera.run_config import PhaseConfig
+
+    cfg_path, cfg, out = micro_run
+    results = []
+    for gc in (False, True):
+        c = cfg.model_copy(update={"train": cfg.train.model_copy(update={"gradient_checkpointing": gc})})
+        runner = Runner(c, out, config_dir=cfg_path.parent, resume=True, progress=False, log=lambda m: None)
+        runner.setup(judge=False)
+        model = runner.load_stage(out / "sequential/fine-tuning/stage_2_point")
+        res = runner._phase(model, [{"params": model.connector_parameters(), "lr": 1e-3}],
+                            runner.sets["image"].train[:12], PhaseConfig(batch_size=4, epochs=1), seed=1,
+                            desc="gc realign")
+        assert not model.llm.is_gradient_checkpointing  # switched off again after the phase
+        results.append((res.losses, [p.detach().clone() for p in model.connector_parameters()]))
+    (l0, p0), (l1, p1) = results
+    assert len(l0) == 3 and l0 == pytest.approx(l1, abs=1e-5)
+    assert all(torch.allclose(a, b, atol=1e-5) for a, b in zip(p0, p1))

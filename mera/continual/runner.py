@@ -156,7 +156,9 @@ class Runner:
         p = Path(path).expanduser()
         return str(p if p.is_absolute() else self.config_dir / p)
 
-    def setup(self) -> None:
+    def setup(self, data: bool = True, judge: bool = True) -> None:
+        """Resolve paths, build the toy zoo if needed, load the tokenizer and the encoders, and (unless
+        ``data`` / ``judge`` is False, e.g. to only load and use stages) the data sets and the judge."""
         from transformers import AutoTokenizer
 
         from mera.model.encoders.base import load_encoder
@@ -179,6 +181,27 @@ class Runner:
         set_paths = {m: p.model_dump() for m, p in self.cfg.data.sets.items()}
         self.set_names = {m: (p.caption_name or f"{m}-caption", p.qa_name or f"{m}-qa")
                           for m, p in self.cfg.data.sets.items()}
+        if data:
+            self._load_data(set_paths)
+        try:
+            self.tokenizer = AutoTokenizer.from_pretrained(self.tok_path)
+        except (OSError, ValueError) as e:
+            raise CheckpointError(f"{self.tok_path}: cannot load the tokenizer ({e})") from None
+        for m, b in self.cfg.model.branches.items():
+            path = self.resolve(b.encoder.path) if b.encoder.path else None
+            try:
+                self.encoders[m] = load_encoder(b.encoder.family, path, **b.encoder.options).to(self.device)
+            except MeraError as e:
+                raise type(e)(f"model.branches.{m}.encoder: {e}") from None
+        self.provider = FeatureProvider(self.encoders, cache=self.cfg.train.cache_features, progress=self.progress)
+        self.judge = None
+        if judge:
+            from mera.eval.judges import get_judge
+
+            self.judge = get_judge(self.cfg.eval.judge, **self.cfg.eval.judge_options)
+
+    def _load_data(self, set_paths: dict) -> None:
+        """The four sets of every branch (the toy world's written first when the config uses it)."""
         if self.cfg.data.toy is not None:
             from mera.data.toy_world import ToyWorldConfig, write_world
             from mera.zoo.build import zoo_home
@@ -198,20 +221,6 @@ class Runner:
             p.pop("caption_name", None)
             p.pop("qa_name", None)
         self.sets = load_sets({m: set_paths[m] for m in self.cfg.model.branches}, self.cfg.data.max_test)
-        try:
-            self.tokenizer = AutoTokenizer.from_pretrained(self.tok_path)
-        except (OSError, ValueError) as e:
-            raise CheckpointError(f"{self.tok_path}: cannot load the tokenizer ({e})") from None
-        for m, b in self.cfg.model.branches.items():
-            path = self.resolve(b.encoder.path) if b.encoder.path else None
-            try:
-                self.encoders[m] = load_encoder(b.encoder.family, path, **b.encoder.options).to(self.device)
-            except MeraError as e:
-                raise type(e)(f"model.branches.{m}.encoder: {e}") from None
-        self.provider = FeatureProvider(self.encoders, cache=self.cfg.train.cache_features, progress=self.progress)
-        from mera.eval.judges import get_judge
-
-        self.judge = get_judge(self.cfg.eval.judge, **self.cfg.eval.judge_options)
 
     def _uses_zoo(self) -> bool:
         refs = [self.cfg.model.llm, self.cfg.model.tokenizer or ""]
@@ -316,11 +325,20 @@ class Runner:
         ck = None
         if self.cfg.train.checkpoint_every and getattr(self, "_steps_dir", None) is not None:
             ck = StepCheckpoint(self._steps_dir / desc.split()[-1], self.cfg.train.checkpoint_every)
-        res = train_phase(model, groups, ItemDataset(samples, self.provider), collate,
-                          batch_size=pc.batch_size, micro_batch_size=pc.micro_batch_size, epochs=pc.epochs,
-                          warmup_ratio=pc.warmup_ratio, weight_decay=pc.weight_decay,
-                          max_grad_norm=pc.max_grad_norm, seed=seed, extra_loss=extra_loss, desc=desc,
-                          progress=self.progress, checkpoint=ck, num_workers=self.cfg.train.num_workers)
+        # every phase backpropagates through the frozen LLM (into the connectors, or its LoRA):
+        # gradient checkpointing trades its activations' memory for recomputation in all of them
+        gc = self.cfg.train.gradient_checkpointing and hasattr(model.llm, "gradient_checkpointing_enable")
+        if gc:
+            model.llm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        try:
+            res = train_phase(model, groups, ItemDataset(samples, self.provider), collate,
+                              batch_size=pc.batch_size, micro_batch_size=pc.micro_batch_size, epochs=pc.epochs,
+                              warmup_ratio=pc.warmup_ratio, weight_decay=pc.weight_decay,
+                              max_grad_norm=pc.max_grad_norm, seed=seed, extra_loss=extra_loss, desc=desc,
+                              progress=self.progress, checkpoint=ck, num_workers=self.cfg.train.num_workers)
+        finally:
+            if gc:
+                model.llm.gradient_checkpointing_disable()
         for p in model.parameters():
             p.requires_grad_(False)
         return res
@@ -368,19 +386,13 @@ class Runner:
         new modality's captions + QA, plus what the strategy adds (data, parameters, a loss)."""
         tc = self.cfg.train
         strategy.before_instruct(ctx)
-        if tc.gradient_checkpointing:
-            model.llm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         groups = [{"params": conn, "lr": tc.instruct.lr_connector},
                   {"params": llm_params, "lr": tc.instruct.lr_lora or tc.instruct.lr_connector}]
         for _name, params in strategy.instruct_extra_params(ctx):
             groups.append({"params": params, "lr": tc.instruct.lr_connector})
         data = self.sets[ctx.modality].train + strategy.instruct_extra_data(ctx)
-        try:
-            res = self._phase(model, groups, data, tc.instruct, seed_for(ctx.seed, "instruct"), f"{tag} instruct",
-                              extra_loss=strategy.extra_loss(ctx))
-        finally:
-            if tc.gradient_checkpointing:
-                model.llm.gradient_checkpointing_disable()
+        res = self._phase(model, groups, data, tc.instruct, seed_for(ctx.seed, "instruct"), f"{tag} instruct",
+                          extra_loss=strategy.extra_loss(ctx))
         ctx.log["instruct"] = _phase_log(res)
         strategy.after_instruct(ctx)
 

@@ -34,7 +34,7 @@ def profile_run(run_dir: str | Path, rounds: int = 3, config_dir: str | Path | N
     cfg = load_config(run / "config.yaml", [], RunConfig)
     runner = Runner(cfg, run, config_dir=Path(config_dir) if config_dir else run.parent, resume=True,
                     progress=False, log=lambda m: None)
-    runner.setup()
+    runner.setup(judge=False)  # the test sets are needed for the prompts, not the judge
     order_name = next(iter(cfg.orders))
     order = cfg.orders[order_name]
     finals = {m.name: runner.stage_dir(order_name, m, len(order), order[-1]) for m in cfg.methods}
