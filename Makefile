@@ -26,6 +26,7 @@ test: $(STAMP)
 
 bench: $(STAMP)
 	$(BIN)/python benchmarks/merge_bench.py
+	$(BIN)/python benchmarks/workers_bench.py
 
 clean-venv:
 	rm -rf $(VENV)
