@@ -124,3 +124,23 @@ def test_input_errors():
 
     with pytest.raises(MeraError, match="could not parse any"):
         qa_accuracy(NoneJudge(), ["q"], [["a"]], ["a"])
+
+
+def test_evaluation_counts_unparseable_judgements_and_never_scores_them():
+    """A judge that cannot parse some replies: accuracy over the parsed ones, the rest counted."""
+    from types import SimpleNamespace
+
+    from mera.eval.evaluate import _score
+
+    class HalfParsed:
+        name = "half"
+
+        def score(self, questions, answers, predictions):
+            return [None if p == "???" else float(p == a[0]) for a, p in zip(answers, predictions)]
+
+    qa = [SimpleNamespace(id=f"q{i}", prompt=f"question {i}", references=[r], answer=r)
+          for i, r in enumerate(["red", "blue", "two", "cube"])]
+    rows, ex = _score("image", [], qa, [], ["red", "???", "three", "cube"], HalfParsed(), ("c", "q"))
+    assert rows == [{"modality": "image", "dataset": "q", "task": "qa", "score": round(2 / 3, 4)}]
+    assert ex["qa_unparseable"] == 1
+    assert [p["judgement"] for p in ex["predictions"]] == [1.0, None, 0.0, 1.0]

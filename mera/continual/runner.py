@@ -468,6 +468,8 @@ class Runner:
             rows += r
             preds += [{"modality": m, **p} for p in ex["predictions"]]
             shown = ", ".join(f"{x['task']} {x['score']:.3g}" for x in r)
+            if ex.get("qa_unparseable"):
+                shown += f" ({ex['qa_unparseable']} QA judgements unparseable, not scored)"
             self.log(f"    eval {m:6s} {shown}   e.g. {ex.get('caption', [('', '')])[0][1]!r}")
         if self.main:
             write_text(folder / "predictions.jsonl", "".join(json.dumps(p) + "\n" for p in preds))

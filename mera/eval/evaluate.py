@@ -21,7 +21,7 @@ from mera import dist
 from mera.data.format import Sample
 from mera.data.pipeline import FeatureProvider, ItemDataset
 from mera.eval.cider import cider_d
-from mera.eval.judges import Judge, qa_accuracy
+from mera.eval.judges import Judge, judge_qa
 from mera.faults import fault_point
 from mera.model.collate import MultimodalCollator
 
@@ -88,9 +88,12 @@ def _score(modality: str, caption_test: list[Sample], qa_test: list[Sample], cap
     if qa_test:
         preds = qa_preds
         questions = [s.prompt for s in qa_test]
-        acc = qa_accuracy(judge, questions, [s.references for s in qa_test], preds)
-        rows.append({"modality": modality, "dataset": names[1], "task": "qa", "score": round(acc, 4)})
+        judged = judge_qa(judge, questions, [s.references for s in qa_test], preds)
+        # accuracy over the judgements that could be parsed; the others are counted, never scored
+        rows.append({"modality": modality, "dataset": names[1], "task": "qa", "score": round(judged.accuracy, 4)})
         examples["qa"] = [(s.answer, p) for s, p in zip(qa_test[:3], preds[:3])]
-        predictions += [{"id": s.id, "task": "qa", "prediction": p} for s, p in zip(qa_test, preds)]
+        examples["qa_unparseable"] = judged.num_unparseable
+        predictions += [{"id": s.id, "task": "qa", "prediction": p, "judgement": j}
+                        for s, p, j in zip(qa_test, preds, judged.scores)]
     examples["predictions"] = predictions
     return rows, examples
