@@ -341,3 +341,12 @@ def test_gradient_checkpointing_gives_the_same_training(micro_run):
     (l0, p0), (l1, p1) = results
     assert len(l0) == 3 and l0 == pytest.approx(l1, abs=1e-5)
     assert all(torch.allclose(a, b, atol=1e-5) for a, b in zip(p0, p1))
+
+
+def test_a_failing_worker_stops_the_parallel_run_with_its_error(micro_run, tmp_path):
+    cfg_path, cfg, out = micro_run
+    bad = cfg.model_copy(update={"train": cfg.train.model_copy(update={
+        "instruct": cfg.train.instruct.model_copy(update={"lr_lora": 1e30})})})
+    with pytest.raises(MeraError, match="instruct: the training loss is nan"):
+        Runner(bad, tmp_path / "w", config_dir=cfg_path.parent, progress=False, log=lambda m: None, workers=2).run()
+    assert not list((tmp_path / "w").rglob("DONE"))  # nothing half-done is marked finished

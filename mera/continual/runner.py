@@ -586,6 +586,9 @@ class Runner:
         n = min(self.workers, len(todo))
         threads = max(1, (self.cfg.threads or torch.get_num_threads()) // n)
         ctx = multiprocessing.get_context("spawn")  # never fork a process that has started torch threads
+        # when a failure stops the workers, multiprocessing's resource tracker (its own process,
+        # which reads PYTHONWARNINGS) would warn about the pool's semaphores: not the user's concern
+        os.environ.setdefault("PYTHONWARNINGS", "ignore:resource_tracker:UserWarning")
         with concurrent.futures.ProcessPoolExecutor(n, mp_context=ctx, initializer=_worker_init,
                                                     initargs=(self.cfg, str(self.out), str(self.config_dir),
                                                               threads, self.verbose)) as pool:
@@ -594,6 +597,11 @@ class Runner:
                 for f in concurrent.futures.as_completed(futures):
                     f.result()
             except BaseException:
+                # stop at once: the other workers' unfinished stages have no DONE and are redone
+                # by --resume (every file is written atomically, so killing them loses nothing
+                # finished). ProcessPoolExecutor has no public way to stop running tasks.
+                for proc in list(getattr(pool, "_processes", {}).values()):
+                    proc.terminate()
                 pool.shutdown(wait=True, cancel_futures=True)
                 raise
 
