@@ -130,7 +130,10 @@ class TrainConfig(StrictModel):
     realign: PhaseConfig = Field(default_factory=_realign)
     lora: LoraSettings = Field(default_factory=LoraSettings)
     # frozen encoders are deterministic: compute each set's features once and reuse them
-    cache_features: bool = True
+    # (true: in memory; "disk": once per sample under <run>/.features/ in feature_cache_dtype,
+    # for data sets too large for memory; false: run the encoders on every use)
+    cache_features: bool | Literal["disk"] = True
+    feature_cache_dtype: Literal["float32", "float16", "bfloat16"] = "float32"
     # recompute the LLM's activations in the backward pass of every phase (GPU memory for time)
     gradient_checkpointing: bool = False
     # save each phase's full training state every N optimizer steps (0: never), under

@@ -21,7 +21,7 @@ METHODS = [{"name": "Fine-Tuning", "strategies": ["finetune"]},
 
 def test_sigkill_at_any_moment_then_resume_gives_identical_scores(micro_assets, tmp_path, monkeypatch):
     monkeypatch.setenv("MERA_HOME", str(tmp_path / "home"))
-    cfg_path = micro_config(micro_assets, tmp_path, methods=METHODS, train={"checkpoint_every": 3})
+    cfg_path = micro_config(micro_assets, tmp_path, methods=METHODS, train={"checkpoint_every": 3, "cache_features": "disk"})
     cfg = load_config(cfg_path, [], RunConfig)
     ref = tmp_path / "ref"
     Runner(cfg, ref, config_dir=tmp_path, progress=False, log=lambda m: None).run()
@@ -39,3 +39,4 @@ def test_sigkill_at_any_moment_then_resume_gives_identical_scores(micro_assets, 
     assert r.returncode == 0, r.stderr[-2000:]
     assert (out / "scores.csv").read_text() == (ref / "scores.csv").read_text()
     assert not list((out / ".steps").rglob("*.safetensors"))  # removed once every stage is DONE
+    assert len(list((out / ".features").rglob("*.safetensors"))) > 100  # the disk feature cache was used

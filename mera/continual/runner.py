@@ -193,7 +193,9 @@ class Runner:
                 self.encoders[m] = load_encoder(b.encoder.family, path, **b.encoder.options).to(self.device)
             except MeraError as e:
                 raise type(e)(f"model.branches.{m}.encoder: {e}") from None
-        self.provider = FeatureProvider(self.encoders, cache=self.cfg.train.cache_features, progress=self.progress)
+        self.provider = FeatureProvider(self.encoders, cache=self.cfg.train.cache_features, progress=self.progress,
+                                        cache_dir=self.out / ".features",
+                                        cache_dtype=self.cfg.train.feature_cache_dtype)
         self.judge = None
         if judge:
             from mera.eval.judges import get_judge

@@ -7,16 +7,22 @@ computed once per run and reused by every expert, method, order and stage.
 
 from __future__ import annotations
 
+import hashlib
+import json
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
 from torch.utils.data import Dataset
 from tqdm.auto import tqdm
 
 from mera.data.format import Sample, load_dataset
 from mera.data.media import read_media
 from mera.errors import DataError
+from mera.io import atomic_path
 
 
 @dataclass
@@ -65,14 +71,52 @@ def _key(s: Sample) -> tuple:
 
 
 class FeatureProvider:
-    """Gives an item's encoder input: cached features (``cache=True``) or preprocessed media."""
+    """Gives an item's encoder input: cached features or preprocessed media.
 
-    def __init__(self, encoders: dict[str, torch.nn.Module], cache: bool = True, batch_size: int = 64, progress: bool = True):
+    ``cache=True`` keeps every sample's features in memory (the toy world); ``cache="disk"``
+    writes them once to ``cache_dir`` (one safetensors file per sample, in ``cache_dtype``)
+    and reads them back when needed, for data sets too large for memory; ``cache=False``
+    runs the frozen encoder on every use.
+    """
+
+    def __init__(self, encoders: dict[str, torch.nn.Module], cache: bool | str = True, batch_size: int = 64,
+                 progress: bool = True, cache_dir: str | Path | None = None, cache_dtype: str = "float32"):
+        if cache == "disk" and cache_dir is None:
+            raise ValueError("a disk feature cache needs a cache_dir")
         self.encoders = encoders
         self.cache = cache
         self.batch_size = batch_size
         self.progress = progress
+        self.cache_dir = Path(cache_dir) if cache_dir is not None else None
+        self.cache_dtype = getattr(torch, cache_dtype)
         self._features: dict[tuple, torch.Tensor] = {}
+
+    def _file(self, s: Sample) -> Path:
+        # the sample's identity (modality, id, media path) and the encoder, hashed into a file name
+        enc = self.encoders[s.modality]
+        tag = json.dumps([list(map(str, _key(s))), type(enc).__name__, int(enc.num_tokens), int(enc.output_dim)])
+        return self.cache_dir / s.modality / f"{hashlib.sha256(tag.encode()).hexdigest()[:32]}.safetensors"
+
+    def _cached(self, s: Sample) -> bool:
+        if self.cache == "disk":
+            return self._file(s).is_file()
+        return _key(s) in self._features
+
+    def _store(self, s: Sample, f: torch.Tensor) -> None:
+        if self.cache == "disk":
+            with atomic_path(self._file(s)) as tmp:
+                save_file({"features": f.to(self.cache_dtype).contiguous()}, str(tmp))
+        else:
+            self._features[_key(s)] = f.clone()
+
+    def _load(self, s: Sample) -> torch.Tensor:
+        if self.cache == "disk":
+            try:
+                return load_file(str(self._file(s)))["features"].float()
+            except (SafetensorError, OSError, KeyError) as e:
+                raise DataError(f"{self._file(s)}: unreadable cached features of sample {s.id!r} ({e}); "
+                                "delete the file to recompute them") from None
+        return self._features[_key(s)]
 
     def media(self, s: Sample) -> torch.Tensor:
         return self.encoders[s.modality].preprocess(read_media(s.modality, s.media))
@@ -82,7 +126,7 @@ class FeatureProvider:
         """Compute and cache the features of every sample not cached yet."""
         if not self.cache:
             return
-        todo = [s for s in samples if _key(s) not in self._features]
+        todo = [s for s in samples if not self._cached(s)]
         if not todo:
             return
         todo = list({_key(s): s for s in todo}.values())
@@ -98,16 +142,16 @@ class FeatureProvider:
                     x = x.to(ref.device, ref.dtype if x.is_floating_point() else x.dtype)
                 feats = enc(x).float().cpu()
                 for s, f in zip(chunk, feats):
-                    self._features[_key(s)] = f.clone()
+                    self._store(s, f)
                 bar.update(len(chunk))
         bar.close()
 
     def item(self, s: Sample, with_answer: bool = True) -> dict:
         it = {"modality": s.modality, "prompt": s.prompt, "answer": s.answer if with_answer else None}
         if self.cache:
-            if _key(s) not in self._features:
+            if not self._cached(s):
                 self.warm([s])
-            it["features"] = self._features[_key(s)]
+            it["features"] = self._load(s)
         else:
             it["media"] = self.media(s)
         return it
