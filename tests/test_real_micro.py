@@ -61,15 +61,9 @@ def _save_tiny_point_bert(folder: Path) -> None:
     ``{"state_dict": {"module.point_encoder.<name>": tensor}}`` as ``point_bert_v1.2.pt``."""
     from mera.model.encoders.point_bert import PointBertConfig, PointBertEncoder
 
-    model = PointBertEncoder(PointBertConfig(**POINT_SIZES), num_points=NUM_POINTS)
-    g = torch.Generator().manual_seed(2)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.copy_(torch.randn(p.shape, generator=g) * 0.1)
-        for m in model.modules():
-            if isinstance(m, torch.nn.BatchNorm1d):
-                m.running_mean.copy_(torch.randn(m.running_mean.shape, generator=g) * 0.1)
-                m.running_var.copy_(torch.rand(m.running_var.shape, generator=g) + 0.5)
+    from test_point_bert import _randomise  # random weights and BatchNorm statistics
+
+    model = _randomise(PointBertEncoder(PointBertConfig(**POINT_SIZES), num_points=NUM_POINTS), seed=2)
     folder.mkdir(parents=True)
     state = {f"module.point_encoder.{k}": v.clone() for k, v in model.state_dict().items()}
     torch.save({"epoch": 1, "state_dict": state}, folder / "point_bert_v1.2.pt")
