@@ -23,6 +23,10 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
+from mera import MODALITIES, PLACEHOLDERS
+from mera.errors import CheckpointError, ConfigError, DataError
+
+DEFAULT_MAX_NEW_TOKENS = 32
 
 
 def _no_grad(fn):
@@ -37,11 +41,6 @@ def _no_grad(fn):
             return fn(*a, **k)
 
     return wrapper
-
-from mera import MODALITIES, PLACEHOLDERS
-from mera.errors import CheckpointError, ConfigError, DataError
-
-DEFAULT_MAX_NEW_TOKENS = 32
 
 
 @dataclass

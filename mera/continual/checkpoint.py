@@ -169,6 +169,16 @@ def check_delta(llm, delta: LoraDelta, path: Path) -> None:
                                   "(a checkpoint of another LLM?)")
 
 
+def last_delta(folder: str | Path) -> tuple[LoraDelta, float] | None:
+    """The last (delta, coefficient) folded in the chain ending at ``folder``, nearest stage first:
+    the adapter the latest training stage produced (None if the chain folded none)."""
+    for f in reversed(chain(folder)):
+        deltas = load_deltas(f)
+        if deltas:
+            return deltas[-1]
+    return None
+
+
 @torch.no_grad()
 def apply_stage_llm(llm, folder: str | Path) -> None:
     """Fold every delta of the chain ending at ``folder`` into the (base) ``llm``, in place."""

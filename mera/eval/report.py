@@ -90,12 +90,15 @@ def realign_pairs(methods: Sequence[str]) -> list[tuple[str, str]]:
     """``(X, X + realign)`` for each method X whose name followed by "+ realign" is also a method
     (case and spacing ignored), and (fine-tuning, "Realign only") when both are present:
     realign added to fine-tuning is the realign-only ablation."""
-    by = {_norm(m).replace(" +", "+").replace("+ ", "+"): m for m in methods}
+    def key(name: str) -> str:  # case and the spacing around "+" ignored
+        return _norm(name).replace(" +", "+").replace("+ ", "+")
+
+    by = {key(m): m for m in methods}
     pairs = []
     for m in methods:
-        key = _norm(m).replace(" +", "+").replace("+ ", "+") + "+realign"
-        if key in by:
-            pairs.append((m, by[key]))
+        with_realign = key(m) + "+realign"
+        if with_realign in by:
+            pairs.append((m, by[with_realign]))
     ro = by.get("realign only")
     ft = next((by[n] for n in FINETUNE_NAMES if n in by), None)
     if ro and ft and not any(a == ft for a, _ in pairs):

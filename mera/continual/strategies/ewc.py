@@ -54,11 +54,7 @@ class EWC(Strategy):
         self.params: dict[str, torch.Tensor] = {}
 
     def continue_lora(self, ctx: StageContext):
-        for f in _up_chain(ctx.parent):
-            deltas = ckpt.load_deltas(f)
-            if deltas:
-                return deltas[-1]  # the adapter the previous stage trained, with its coefficient
-        return None
+        return ckpt.last_delta(ctx.parent)  # the adapter the previous stage trained, with its coefficient
 
     def estimate_fisher(self, ctx: StageContext, modality: str) -> dict[str, torch.Tensor]:
         runner, model = ctx.runner, ctx.model

@@ -181,12 +181,7 @@ class PathWeave(Strategy):
         llm = ctx.model.llm
         mods = wrapped_modules(llm)
         if not mods:  # the previous stage is the expert: its adapter becomes adapter 0
-            prev = None
-            for f in reversed(ckpt.chain(ctx.parent)):
-                deltas = ckpt.load_deltas(f)
-                if deltas:
-                    prev = deltas[-1]
-                    break
+            prev = ckpt.last_delta(ctx.parent)
             if prev is None:
                 raise CheckpointError(f"{ctx.parent}: PathWeave needs the expert's adapter; none in the chain")
             delta, coef = prev
