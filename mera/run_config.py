@@ -11,7 +11,7 @@ from typing import Literal
 from pydantic import Field, field_validator, model_validator
 
 from mera import MODALITIES
-from mera.config_base import StrictModel
+from mera.config.base import StrictModel
 from mera.model.connectors import ConnectorConfig
 from mera.train.lora import LoraSettings
 

@@ -4,7 +4,7 @@ import sys
 import pytest
 
 from mera.config import apply_override, load_config, parse_override
-from mera.config_base import StrictModel
+from mera.config.base import StrictModel
 from mera.errors import ConfigError
 
 

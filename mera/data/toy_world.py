@@ -38,7 +38,7 @@ import numpy as np
 from pydantic import Field
 
 from mera import MODALITIES, PLACEHOLDERS
-from mera.config_base import StrictModel
+from mera.config.base import StrictModel
 from mera.data.format import TASKS, Sample, write_dataset
 from mera.data.media import AudioClip, write_media
 from mera.errors import ConfigError, DataError

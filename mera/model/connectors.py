@@ -21,7 +21,7 @@ import torch
 from pydantic import model_validator
 from torch import nn
 
-from mera.config_base import StrictModel
+from mera.config.base import StrictModel
 from mera.errors import CheckpointError, ConfigError
 
 

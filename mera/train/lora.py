@@ -11,7 +11,7 @@ import torch
 from peft import LoraConfig, get_peft_model
 from peft.tuners.lora import LoraLayer
 
-from mera.config_base import StrictModel
+from mera.config.base import StrictModel
 from mera.continual.merging import fold_delta
 from mera.faults import fault_point
 

@@ -31,7 +31,7 @@ from typing import Any
 from pydantic import Field
 
 from mera import MODALITIES, __version__
-from mera.config_base import StrictModel
+from mera.config.base import StrictModel
 from mera.data.toy_world import ToyWorldConfig
 from mera.errors import MeraError
 from mera.io import write_json

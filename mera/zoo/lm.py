@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerBase
 
-from mera.config_base import StrictModel
+from mera.config.base import StrictModel
 from mera.errors import ConfigError
 from mera.io import write_json
 
