@@ -13,10 +13,8 @@ from pydantic import Field, field_validator, model_validator
 from mera import MODALITIES
 from mera.config.base import StrictModel
 from mera.model.connectors import ConnectorConfig
+from mera.continual.methods import MethodConfig
 from mera.train.lora import LoraSettings
-
-STRATEGIES = ("finetune", "merge", "realign", "replay", "ewc", "pathweave")
-
 
 ZOO_KEYS = ("llm", "tokenizer", "root", "manifest") + tuple(f"encoders/{m}" for m in MODALITIES)
 
@@ -140,39 +138,6 @@ class TrainConfig(StrictModel):
     # <run>/.steps/, so that --resume continues a long phase where it stopped
     checkpoint_every: int = Field(default=0, ge=0)
     num_workers: int = 0
-
-
-class MethodConfig(StrictModel):
-    name: str
-    # composition of strategies: [finetune], [merge], [realign], [merge, realign] (MERA), [replay], ...
-    strategies: list[str] = Field(default_factory=lambda: ["finetune"])
-    replay_ratio: float = 0.1  # r of realign (share of D_1..D_i) and of replay (share of D_1..D_{i-1})
-    ewc_lambda: float = 1.0  # lambda of online EWC
-    fisher_ratio: float = 0.01  # share of a stage's data on which EWC estimates the Fisher
-    realign_ratio: float | None = None  # r of realign when it differs from replay's (None: replay_ratio)
-    pathweave_in_rank: int = 8  # rank of PathWeave's in-adapters (its adapters use train.lora's rank)
-
-    @field_validator("strategies")
-    @classmethod
-    def _known(cls, v):
-        for s in v:
-            if s not in STRATEGIES:
-                raise ValueError(f"unknown strategy {s!r}; known: {', '.join(STRATEGIES)}")
-        return v
-
-    @field_validator("replay_ratio", "realign_ratio", "fisher_ratio")
-    @classmethod
-    def _ratio(cls, v, info):
-        if v is not None and not 0 < v <= 1:
-            raise ValueError(f"{info.field_name} must be in (0, 1] (a share: 0.1 is 10%)")
-        return v
-
-    @field_validator("pathweave_in_rank")
-    @classmethod
-    def _rank(cls, v):
-        if v < 1:
-            raise ValueError("pathweave_in_rank must be >= 1")
-        return v
 
 
 class EvalConfig(StrictModel):

@@ -1,19 +1,27 @@
-"""Stage checkpoints that hold only what a stage changed.
+"""Stage checkpoints that hold only what a stage changed (manifest ``mera-stage-v2``).
 
 A stage folder holds
 
-    manifest.json           {"parent": <folder relative to this one, or null = the base LLM>,
-                             "deltas": [{"file": "lora.safetensors", "coef": 0.5, "scalings": {...}}],
+    manifest.json           {"format": "mera-stage-v2",
+                             "parent": <folder relative to this one, or null = the base LLM>,
+                             "folds": [{"file": "delta.safetensors", "kind": "lora", "coef": 0.5,
+                                        "scalings": {...}}, ...],
+                             "trained": {"file": "delta.safetensors", "kind": "lora", "coef": 0.5, ...} | null,
                              "connectors": "connectors.safetensors", "modalities": [...], ...}
-    lora.safetensors        the stage's LoRA pairs (A, B per linear module), never a full LLM
+    delta*.safetensors      deltas (mera.continual.deltas.Delta: LoRA pairs or dense), never a full LLM
     connectors.safetensors  every connector of the model after the stage ("<modality>.<param>")
     strategy.safetensors    a strategy's state, when it has one (e.g. EWC's accumulated Fisher)
     scores.csv              the stage's evaluation rows
     DONE                    written last: the folder is complete only when it exists
 
-The LLM of a stage is the base LLM plus, from the root of the parent chain down to the
-stage, every delta folded with its coefficient (``W += coef * scaling * B @ A``), in the
-same order and with the same function as during the run, so a loaded stage is exact.
+``folds`` are what the stage folded into the LLM, in order (``W += coef * update``);
+``trained`` is the delta the stage's training produced (what a merge rule receives as the new
+delta and later stages as history), with the coefficient it was folded with (null if only a
+merge of it was folded). The LLM of a stage is the base LLM plus every fold of the parent
+chain, root first, with the same function as during the run, so a loaded stage is exact.
+
+Version 1 folders (``mera-stage-v1``: a "deltas" list of LoRA files) are still read: their
+deltas are the folds, and the trained delta is the last one folded with a positive coefficient.
 """
 
 from __future__ import annotations
@@ -28,9 +36,10 @@ from safetensors.torch import load_file, save_file
 
 from mera.errors import CheckpointError
 from mera.io import atomic_path, write_json, write_text
-from mera.train.lora import LoraDelta, fold_lora, lora_from_tensors, lora_to_tensors
+from mera.continual.deltas import Delta
 
 MANIFEST = "manifest.json"
+FORMAT = "mera-stage-v2"
 DONE = "DONE"
 
 
@@ -67,20 +76,32 @@ def save_stage(
     folder: str | Path,
     *,
     parent: str | Path | None,
-    deltas: list[tuple[LoraDelta, float]],
+    folds: list[tuple[Delta, float]],
+    trained: Delta | None = None,
     connectors: dict[str, dict[str, torch.Tensor]],
     tensors: dict[str, torch.Tensor] | None = None,
     info: dict | None = None,
 ) -> None:
-    """Write the checkpoint files of a stage (not DONE: call :func:`mark_done` after the scores)."""
+    """Write the checkpoint files of a stage (not DONE: call :func:`mark_done` after the scores).
+
+    A delta that is both folded and the trained one is written once."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    entries = []
-    for k, (delta, coef) in enumerate(deltas):
-        pairs, scalings = lora_to_tensors(delta)
-        name = "lora.safetensors" if k == 0 else f"lora_{k}.safetensors"
-        save_tensors(folder / name, pairs)
-        entries.append({"file": name, "coef": float(coef), "scalings": scalings})
+    files: dict[int, dict] = {}  # id(delta) -> its manifest entry (without coef)
+
+    def entry(delta: Delta, name: str) -> dict:
+        if id(delta) not in files:
+            data, meta = delta.to_tensors()
+            save_tensors(folder / name, data)
+            files[id(delta)] = {"file": name, **meta}
+        return dict(files[id(delta)])
+
+    trained_entry = None
+    if trained is not None:
+        trained_entry = entry(trained, "delta.safetensors")
+        coefs = [c for d, c in folds if d is trained]
+        trained_entry["coef"] = float(coefs[0]) if len(coefs) == 1 else None
+    fold_entries = [{**entry(d, f"fold_{k}.safetensors"), "coef": float(c)} for k, (d, c) in enumerate(folds)]
     flat = {f"{m}.{k}": v for m, sd in connectors.items() for k, v in sd.items()}
     save_tensors(folder / "connectors.safetensors", flat)
     if tensors:  # a strategy's state (e.g. EWC's accumulated Fisher)
@@ -89,9 +110,10 @@ def save_stage(
     if parent is not None:
         rel_parent = str(Path(_relpath(Path(parent), folder)))
     manifest = {
-        "format": "mera-stage-v1",
+        "format": FORMAT,
         "parent": rel_parent,
-        "deltas": entries,
+        "folds": fold_entries,
+        "trained": trained_entry,
         "connectors": "connectors.safetensors",
         "modalities": sorted(connectors),
         **(info or {}),
@@ -119,8 +141,17 @@ def read_manifest(folder: str | Path) -> dict:
         m = json.loads(path.read_text(encoding="utf-8"))
     except json.JSONDecodeError as e:
         raise CheckpointError(f"{path}: invalid JSON ({e})") from None
-    if m.get("format") != "mera-stage-v1" or not isinstance(m.get("deltas"), list):
+    if not isinstance(m, dict):
         raise CheckpointError(f"{path}: not a mera stage manifest")
+    if m.get("format") == "mera-stage-v1" and isinstance(m.get("deltas"), list):
+        folds = [{"kind": "lora", **e} for e in m["deltas"]]  # v1: LoRA files, all folded
+        positive = [e for e in folds if float(e.get("coef", 0)) > 0]
+        m = {**m, "folds": folds, "trained": dict(positive[-1]) if positive else None}
+    elif m.get("format") != FORMAT or not isinstance(m.get("folds"), list):
+        raise CheckpointError(f"{path}: not a mera stage manifest")
+    for e in m["folds"] + ([m["trained"]] if m.get("trained") else []):
+        if not isinstance(e, dict) or not isinstance(e.get("file"), str) or "/" in e["file"] or e["file"].startswith("."):
+            raise CheckpointError(f"{path}: a delta entry of the manifest is malformed ({e!r})")
     return m
 
 
@@ -138,45 +169,59 @@ def chain(folder: str | Path) -> list[Path]:
     return out[::-1]
 
 
-def load_deltas(folder: Path) -> list[tuple[LoraDelta, float]]:
-    m = read_manifest(folder)
+def _load_delta(folder: Path, e: dict) -> Delta:
+    path = folder / e["file"]
+    return Delta.from_tensors(load_tensors(path), e, path)
+
+
+def load_folds(folder: str | Path) -> list[tuple[Delta, float]]:
+    """The (delta, coefficient) pairs a stage folded into the LLM, in order."""
+    folder = Path(folder)
+    cache: dict[str, Delta] = {}
     out = []
-    for e in m["deltas"]:
-        tensors = load_tensors(folder / e["file"])
-        try:
-            out.append((lora_from_tensors(tensors, e["scalings"]), float(e["coef"])))
-        except KeyError as k:
-            held = ", ".join(sorted(tensors)[:3]) + (", ..." if len(tensors) > 3 else "")
-            raise CheckpointError(f"{folder / e['file']}: not the LoRA file its manifest describes: missing tensor "
-                                  f"{k} (the file holds {held or 'nothing'})") from None
+    for e in read_manifest(folder)["folds"]:
+        if e["file"] not in cache:
+            cache[e["file"]] = _load_delta(folder, e)
+        out.append((cache[e["file"]], float(e["coef"])))
     return out
 
 
-def check_delta(llm, delta: LoraDelta, path: Path) -> None:
-    """CheckpointError unless every LoRA pair of ``delta`` fits a linear module of ``llm``
-    (a checkpoint of another backbone names other modules or has other shapes)."""
-    modules = dict(llm.named_modules())
-    for name, d in delta.items():
-        weight = getattr(modules.get(name), "weight", None)
-        if weight is None or weight.dim() != 2:
-            raise CheckpointError(f"{path}: LoRA for module {name!r}, which the LLM does not have "
-                                  "(a checkpoint of another LLM?)")
-        out_f, in_f = weight.shape
-        a, b = d["A"], d["B"]
-        if a.dim() != 2 or b.dim() != 2 or a.shape[1] != in_f or b.shape[0] != out_f or a.shape[0] != b.shape[1]:
-            raise CheckpointError(f"{path}: LoRA of {name!r} has A {tuple(a.shape)} and B {tuple(b.shape)}; the LLM's "
-                                  f"weight is {(out_f, in_f)}, so A (r, {in_f}) and B ({out_f}, r) are expected "
-                                  "(a checkpoint of another LLM?)")
+def load_trained(folder: str | Path) -> tuple[Delta, float | None] | None:
+    """The delta a stage's training produced and the coefficient it was folded with (None: none)."""
+    e = read_manifest(folder).get("trained")
+    if not e:
+        return None
+    return _load_delta(Path(folder), e), (None if e.get("coef") is None else float(e["coef"]))
 
 
-def last_delta(folder: str | Path) -> tuple[LoraDelta, float] | None:
-    """The last (delta, coefficient) folded in the chain ending at ``folder``, nearest stage first:
-    the adapter the latest training stage produced (None if the chain folded none)."""
+def last_trained(folder: str | Path) -> tuple[Delta, float | None] | None:
+    """The trained delta nearest to ``folder`` in its parent chain (``folder`` first), or None."""
     for f in reversed(chain(folder)):
-        deltas = load_deltas(f)
-        if deltas:
-            return deltas[-1]
+        found = load_trained(f)
+        if found is not None:
+            return found
     return None
+
+
+class History:
+    """The trained deltas of a parent chain, root first, loaded only when read (a merge rule
+    that needs no history costs nothing)."""
+
+    def __init__(self, folder: str | Path | None):
+        self._folders = [f for f in chain(folder) if read_manifest(f).get("trained")] if folder else []
+        self._loaded: dict[int, Delta] = {}
+
+    def __len__(self) -> int:
+        return len(self._folders)
+
+    def __getitem__(self, i: int) -> Delta:
+        i = range(len(self._folders))[i]
+        if i not in self._loaded:
+            self._loaded[i] = load_trained(self._folders[i])[0]
+        return self._loaded[i]
+
+    def __iter__(self):
+        return (self[i] for i in range(len(self)))
 
 
 @torch.no_grad()
@@ -184,12 +229,12 @@ def apply_stage_llm(llm, folder: str | Path) -> None:
     """Fold every delta of the chain ending at ``folder`` into the (base) ``llm``, in place."""
     folds = []
     for f in chain(folder):  # read and check the whole chain before changing a weight
-        files = [e["file"] for e in read_manifest(f)["deltas"]]
-        for file, (delta, coef) in zip(files, load_deltas(f)):
-            check_delta(llm, delta, f / file)
+        files = [e["file"] for e in read_manifest(f)["folds"]]
+        for file, (delta, coef) in zip(files, load_folds(f)):
+            delta.check(llm, f / file)
             folds.append((delta, coef))
     for delta, coef in folds:
-        fold_lora(llm, delta, coef)
+        delta.fold(llm, coef)
 
 
 def load_strategy_tensors(folder: str | Path) -> dict[str, torch.Tensor]:
@@ -211,3 +256,26 @@ def load_connectors(folder: str | Path) -> dict[str, dict[str, torch.Tensor]]:
         raise CheckpointError(f"{path}: holds connectors for {sorted(out)}, its manifest lists {sorted(want)} "
                               "(not this stage's connectors file)")
     return out
+
+
+class ChainView:
+    """What strategies may read of the chain a stage starts from (``folder``: the parent stage)."""
+
+    def __init__(self, folder: str | Path | None):
+        self.folder = Path(folder) if folder is not None else None
+
+    def last_trained(self) -> tuple[Delta, float | None] | None:
+        """The delta the latest training stage of the chain produced, and its fold coefficient."""
+        return last_trained(self.folder) if self.folder is not None else None
+
+    def state(self) -> dict[str, torch.Tensor]:
+        """The strategy state saved by the nearest stage of the chain that saved one ({} if none)."""
+        for f in reversed(chain(self.folder) if self.folder is not None else []):
+            saved = load_strategy_tensors(f)
+            if saved:
+                return saved
+        return {}
+
+    def trained(self) -> History:
+        """Every trained delta of the chain, root first (lazily loaded)."""
+        return History(self.folder)

@@ -97,6 +97,30 @@ class RunMetrics:
         return [[stage_rg.get(m) for m in self.modalities] for stage_rg in self.rg]
 
 
+# ----------------------------------------------------------------------------- raw rows
+# The one definition of a scores row on disk: the run directory writes its rows with
+# ``format_rows`` and reads them back with ``read_rows``; everything else parses them with
+# ``read_scores`` (checked, typed).
+
+
+def format_rows(rows: Iterable[Mapping]) -> str:
+    """CSV text (header first) of ``rows``, mappings with the keys of :data:`COLUMNS` (missing: empty)."""
+    import io
+
+    buf = io.StringIO()
+    w = csv.DictWriter(buf, fieldnames=list(COLUMNS), lineterminator="\n")
+    w.writeheader()
+    for r in rows:
+        w.writerow({k: r.get(k, "") for k in COLUMNS})
+    return buf.getvalue()
+
+
+def read_rows(path: str | os.PathLike) -> list[dict]:
+    """The rows of a scores file as plain string mappings (no checks: the run directory's own files)."""
+    with open(path, newline="", encoding="utf-8") as f:
+        return list(csv.DictReader(f))
+
+
 # ----------------------------------------------------------------------------- reading
 
 

@@ -116,3 +116,22 @@ def profile_inference(model, tokenizer, samples, provider, new_tokens: int = 16,
     llm_params = sum(p.numel() for p in model.llm.parameters())  # adapters kept at test time count here
     return {"ms_per_token": 1000.0 * seconds / max(1, tokens), "tokens": tokens, "samples": len(samples),
             "peak_mib": round(pm.peak_mib, 1), "memory_kind": pm.kind, "llm_params_m": llm_params / 1e6}
+
+
+class Cost:
+    """Context manager: wall seconds and peak memory (MiB) of a block, in ``.info`` (the peak is
+    this process's; ``processes`` records how many trained together)."""
+
+    def __init__(self, processes: int = 1):
+        self.processes = processes
+
+    def __enter__(self):
+        self.pm = PeakMemory("cuda" if torch.cuda.is_available() else "cpu").__enter__()
+        self.t0 = time.perf_counter()
+        return self
+
+    def __exit__(self, *exc):
+        self.pm.__exit__(*exc)
+        self.info = {"seconds": round(time.perf_counter() - self.t0, 2), "peak_mib": round(self.pm.peak_mib, 1),
+                     "memory_kind": self.pm.kind, "processes": self.processes}
+        return False

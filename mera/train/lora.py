@@ -12,7 +12,6 @@ from peft import LoraConfig, get_peft_model
 from peft.tuners.lora import LoraLayer
 
 from mera.config.base import StrictModel
-from mera.continual.merging import fold_delta
 from mera.faults import fault_point
 
 
@@ -26,6 +25,23 @@ class LoraSettings(StrictModel):
 
 # name of a base Linear module (as in llm.named_modules()) -> {"A": [r, in], "B": [out, r], "scaling": float}
 LoraDelta = dict[str, dict]
+
+
+def lora_delta(lora_A: torch.Tensor, lora_B: torch.Tensor, scaling: float) -> torch.Tensor:
+    """The dense update of one LoRA pair: ``scaling * B @ A`` (``[out, r] @ [r, in]`` -> ``[out, in]``), in fp32."""
+    return (lora_B.float() @ lora_A.float()) * scaling
+
+
+@torch.no_grad()
+def fold_delta(weight: torch.Tensor, lora_A: torch.Tensor, lora_B: torch.Tensor, scaling: float, coef: float) -> None:
+    """In place: ``weight += coef * scaling * B @ A`` (computed in fp32, cast to the weight's dtype)."""
+    delta = lora_delta(lora_A.to(weight.device), lora_B.to(weight.device), scaling * coef)
+    weight.copy_((weight.float() + delta).to(weight.dtype))
+
+
+def lora_parameters(llm) -> dict[str, torch.nn.Parameter]:
+    """The LoRA parameters of a (peft-wrapped) LLM, by name."""
+    return {n: p for n, p in llm.named_parameters() if "lora_" in n}
 
 
 def attach_lora(llm, settings: LoraSettings, seed: int):

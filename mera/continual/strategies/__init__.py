@@ -1,26 +1,106 @@
-"""Strategies by name; a method is a list of them (see MethodConfig.strategies)."""
+"""Strategies: what a method does around the standard two-step training of a stage.
 
-from mera.continual.strategies.base import Composite, StageContext, Strategy
-from mera.continual.strategies.ewc import EWC
-from mera.continual.strategies.finetune import FineTune
-from mera.continual.strategies.merge import Merge
-from mera.continual.strategies.pathweave import PathWeave
-from mera.continual.strategies.realign import Realign
-from mera.continual.strategies.replay import Replay
+A strategy is one file in this package that registers itself (kind ``strategy``) with the
+pydantic model of its parameters and overrides only the hooks it needs (all optional):
+
+- ``adapter(ctx)``: how step B trains the LLM. None (the default) attaches a fresh LoRA
+  adapter; ``Continue(delta, coef)`` trains the given adapter again (taken back out of the
+  weights first; EWC); ``OwnModules(params)`` trains the strategy's own LLM modules instead of
+  a LoRA (PathWeave; it records any change of the LLM's weights in ``ctx.folds`` and its
+  modules in ``ctx.llm_modules`` / ``ctx.tensors``).
+- ``prepare_instruct(ctx, step)``: before step B, with the adapter attached: add samples
+  (``step.data``), parameter groups (``step.groups``) or loss terms (``step.losses``).
+- ``after_instruct(ctx)``: after step B, the adapter still attached (e.g. estimate a Fisher).
+- ``after_stage(ctx)``: after the fold, before the checkpoint (e.g. realign the connectors).
+
+The registration's keywords state what a strategy decides, so that a method's combination is
+checked when its config loads (mera.continual.methods): ``llm="own" | "continued"`` (it
+decides how step B trains the LLM: one such strategy per method) and ``whole_delta=True``
+(its LLM delta must be folded whole: no merge rule other than ``finetune`` applies).
+
+Strategies see a :class:`StageContext`, never the run loop or the run directory.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Callable
+
+import torch
+
+if TYPE_CHECKING:  # pragma: no cover
+    from mera.continual.deltas import Delta
+    from mera.data.format import Sample
+    from mera.model.mllm import MultimodalLM
+    from mera.train.loop import PhaseResult
 
 
-def build_strategy(names: list[str], replay_ratio: float, ewc_lambda: float = 1.0, fisher_ratio: float = 0.01,
-                   realign_ratio: float | None = None, pathweave_in_rank: int = 8) -> Strategy:
-    makers = {
-        "finetune": lambda: FineTune(),
-        "merge": lambda: Merge(),
-        "realign": lambda: Realign(replay_ratio if realign_ratio is None else realign_ratio),
-        "replay": lambda: Replay(replay_ratio),
-        "ewc": lambda: EWC(ewc_lambda, fisher_ratio),
-        "pathweave": lambda: PathWeave(pathweave_in_rank),
-    }
-    parts = [makers[n]() for n in names]
-    return parts[0] if len(parts) == 1 else Composite(parts)
+@dataclass
+class Continue:
+    """Step B trains this adapter again (folded with ``coef`` so far: it is taken out first)."""
+
+    delta: "Delta"
+    coef: float
 
 
-__all__ = ["Composite", "StageContext", "Strategy", "build_strategy"]
+@dataclass
+class OwnModules:
+    """Step B trains these parameters of the strategy's own LLM modules instead of a LoRA."""
+
+    params: list[torch.nn.Parameter]
+
+
+@dataclass
+class InstructStep:
+    """What step B trains on, open to ``prepare_instruct``."""
+
+    data: list["Sample"]
+    groups: list[tuple[str, list[torch.nn.Parameter]]] = field(default_factory=list)  # extra groups, connector lr
+    losses: list[Callable[[], "torch.Tensor | None"]] = field(default_factory=list)  # extra loss terms
+
+
+@dataclass
+class StageContext:
+    """What a strategy may see and use at one stage."""
+
+    model: "MultimodalLM"
+    order: str
+    method: str
+    stage: int  # 1-based
+    modality: str  # the modality learned at this stage
+    seen: list[str]  # modalities up to and including this stage, in order
+    seed: int
+    # train(params or param groups, samples, phase) -> PhaseResult: one phase with the recipe of
+    # train.<phase> (its batch size, epochs, schedule; a plain parameter list gets its lr_connector)
+    train: Callable[..., "PhaseResult"]
+    data: Callable[[str], list["Sample"]]  # training samples of a modality (the replay rules: METHOD.md)
+    batch: Callable[[list["Sample"]], dict]  # a training batch of samples (features, tokens, labels)
+    history: "object | None" = None  # the parent chain: mera.continual.checkpoint.ChainView
+    log: dict = field(default_factory=dict)  # what the hooks did (goes into the stage manifest)
+    tensors: dict = field(default_factory=dict)  # a strategy's state, saved as strategy.safetensors
+    folds: list = field(default_factory=list)  # (Delta, coef) a strategy folded itself (OwnModules)
+    llm_modules: dict | None = None  # layout of a strategy's own LLM modules (rebuilt on load)
+
+
+class Strategy:
+    """Base: every hook does nothing. ``params`` are the validated parameters (or None)."""
+
+    name = "strategy"
+
+    def __init__(self, params=None):
+        self.params = params
+
+    def adapter(self, ctx: StageContext) -> "Continue | OwnModules | None":
+        return None
+
+    def prepare_instruct(self, ctx: StageContext, step: InstructStep) -> None:
+        pass
+
+    def after_instruct(self, ctx: StageContext) -> None:
+        pass
+
+    def after_stage(self, ctx: StageContext) -> None:
+        pass
+
+
+__all__ = ["Continue", "InstructStep", "OwnModules", "StageContext", "Strategy"]

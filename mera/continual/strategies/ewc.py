@@ -4,19 +4,20 @@ from __future__ import annotations
 
 import numpy as np
 import torch
+from pydantic import Field
 
-from mera.continual import checkpoint as ckpt
-from mera.continual.strategies.base import StageContext, Strategy
+from mera.config.base import StrictModel
+from mera.config.registry import register
+from mera.continual.strategies import Continue, Strategy, StageContext
 from mera.data.pipeline import sample_fraction
-from mera.model.collate import MultimodalCollator
+from mera.train.lora import lora_parameters
 
 PREFIX = "fisher."
 
 
-def _up_chain(folder):
-    """``folder`` and its ancestors, nearest first."""
-    for f in reversed(ckpt.chain(folder)):
-        yield f
+class EWCParams(StrictModel):
+    lam: float = Field(1.0, ge=0, description="lambda: the weight of the penalty")
+    fisher_ratio: float = Field(0.01, gt=0, le=1, description="share of a stage's data the Fisher is estimated on")
 
 
 def ewc_penalty(params: dict[str, torch.Tensor], anchor: dict[str, torch.Tensor],
@@ -28,6 +29,7 @@ def ewc_penalty(params: dict[str, torch.Tensor], anchor: dict[str, torch.Tensor]
     return 0.5 * lam * torch.as_tensor(total)
 
 
+@register("strategy", "ewc", EWCParams, llm="continued", whole_delta=True)
 class EWC(Strategy):
     """Online EWC (METHOD.md section 4).
 
@@ -46,29 +48,28 @@ class EWC(Strategy):
 
     name = "ewc"
 
-    def __init__(self, lam: float = 1.0, fisher_ratio: float = 0.01):
-        self.lam = lam
-        self.fisher_ratio = fisher_ratio
+    def __init__(self, params: EWCParams | None = None):
+        super().__init__(params or EWCParams())
         self.fisher: dict[str, torch.Tensor] = {}
         self.anchor: dict[str, torch.Tensor] = {}
-        self.params: dict[str, torch.Tensor] = {}
+        self.lora: dict[str, torch.Tensor] = {}
 
-    def continue_lora(self, ctx: StageContext):
-        return ckpt.last_delta(ctx.parent)  # the adapter the previous stage trained, with its coefficient
+    def adapter(self, ctx: StageContext):
+        prev = ctx.history.last_trained()  # the adapter the previous stage trained, with its coefficient
+        return Continue(*prev) if prev is not None else None
 
     def estimate_fisher(self, ctx: StageContext, modality: str) -> dict[str, torch.Tensor]:
-        runner, model = ctx.runner, ctx.model
+        model = ctx.model
         rng = np.random.default_rng([ctx.seed, 11, len(modality)])
-        samples = sample_fraction(runner.sets[modality].train, self.fisher_ratio, rng)
-        collate = MultimodalCollator(runner.tokenizer, model, train=True)
-        params = runner.lora_params(model)
+        samples = sample_fraction(ctx.data(modality), self.params.fisher_ratio, rng)
+        params = lora_parameters(model.llm)
         fisher = {n: torch.zeros_like(p, dtype=torch.float32) for n, p in params.items()}
         for p in params.values():
             p.requires_grad_(True)
         model.eval()
         for s in samples:
             model.zero_grad(set_to_none=True)
-            model(collate([runner.provider.item(s)])).loss.backward()
+            model(ctx.batch([s])).loss.backward()
             for n, p in params.items():
                 fisher[n] += p.grad.detach().float() ** 2
         for n in fisher:
@@ -79,28 +80,20 @@ class EWC(Strategy):
         ctx.log.setdefault("ewc", {})[f"fisher_samples_{modality}"] = len(samples)
         return fisher
 
-    def before_instruct(self, ctx: StageContext):
-        self.params = ctx.runner.lora_params(ctx.model)
-        self.fisher = {}
-        for f in _up_chain(ctx.parent):
-            saved = ckpt.load_strategy_tensors(f)
-            if saved:
-                self.fisher = {k[len(PREFIX):]: v for k, v in saved.items() if k.startswith(PREFIX)}
-                break
+    def prepare_instruct(self, ctx: StageContext, step) -> None:
+        self.lora = lora_parameters(ctx.model.llm)
+        saved = ctx.history.state()
+        self.fisher = {k[len(PREFIX):]: v for k, v in saved.items() if k.startswith(PREFIX)}
         if not self.fisher:  # the previous stage was an expert (stage 1): estimate F_1 now
             self.fisher = self.estimate_fisher(ctx, ctx.seen[-2])
-        missing = set(self.params) - set(self.fisher)
+        missing = set(self.lora) - set(self.fisher)
         if missing:
             raise ValueError(f"EWC: no Fisher values for {sorted(missing)[:3]}...")
-        self.anchor = {n: p.detach().clone() for n, p in self.params.items()}
-
-    def extra_loss(self, ctx: StageContext):
-        return lambda: ewc_penalty(self.params, self.anchor, self.fisher, self.lam)
+        self.anchor = {n: p.detach().clone() for n, p in self.lora.items()}
+        step.losses.append(lambda: ewc_penalty(self.lora, self.anchor, self.fisher, self.params.lam))
 
     def after_instruct(self, ctx: StageContext):
         new = self.estimate_fisher(ctx, ctx.modality)
         ctx.tensors.update({PREFIX + n: self.fisher[n] + new[n] for n in new})
-        ctx.log.setdefault("ewc", {})["penalty_last"] = float(ewc_penalty(self.params, self.anchor, self.fisher, self.lam))
-
-    def merge_coefficient(self, ctx):
-        return 1.0
+        ctx.log.setdefault("ewc", {})["penalty_last"] = float(
+            ewc_penalty(self.lora, self.anchor, self.fisher, self.params.lam))

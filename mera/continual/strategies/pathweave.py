@@ -31,10 +31,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from mera.continual import checkpoint as ckpt
-from mera.continual.strategies.base import StageContext, Strategy
+from pydantic import Field
+
+from mera.config.base import StrictModel
+from mera.config.registry import register
+from mera.continual.strategies import OwnModules, StageContext, Strategy
 from mera.errors import CheckpointError
-from mera.train.lora import fold_lora
 
 PREFIX = "pathweave."
 
@@ -168,32 +170,36 @@ def install_from_state(llm: nn.Module, layout: dict, tensors: dict[str, torch.Te
             p.copy_(tensors[key])
 
 
+class PathWeaveParams(StrictModel):
+    in_rank: int = Field(8, ge=1, description="rank of the in-adapters (the adapters use train.lora's rank)")
+
+
+@register("strategy", "pathweave", PathWeaveParams, llm="own", whole_delta=True)
 class PathWeave(Strategy):
     """PathWeave at stage k: a new adapter for the new modality, in-adapters from it into every
     old (frozen) adapter, and the per-token gates; trained in step B instead of a LoRA."""
 
     name = "pathweave"
 
-    def __init__(self, in_rank: int = 8):
-        self.in_rank = in_rank
-
-    def llm_params(self, ctx: StageContext) -> list[nn.Parameter]:
+    def adapter(self, ctx: StageContext) -> OwnModules:
         llm = ctx.model.llm
         mods = wrapped_modules(llm)
         if not mods:  # the previous stage is the expert: its adapter becomes adapter 0
-            prev = ckpt.last_delta(ctx.parent)
-            if prev is None:
-                raise CheckpointError(f"{ctx.parent}: PathWeave needs the expert's adapter; none in the chain")
+            prev = ctx.history.last_trained()
+            if prev is None or prev[0].kind != "lora":
+                raise CheckpointError(f"{ctx.history.folder}: PathWeave needs the expert's LoRA adapter; "
+                                      "none in the chain")
             delta, coef = prev
-            fold_lora(llm, delta, -coef)  # take the expert's delta out of the weights ...
-            ctx.llm_deltas.append((delta, -coef))  # ... and record it, so the checkpoint chain stays exact
-            scalings = {d["scaling"] for d in delta.values()}
+            delta.fold(llm, -coef)  # take the expert's delta out of the weights ...
+            ctx.folds.append((delta, -coef))  # ... and record it, so the checkpoint chain stays exact
+            pairs = delta.modules
+            scalings = {d["scaling"] for d in pairs.values()}
             if len(scalings) != 1:
                 raise CheckpointError("PathWeave: the expert's adapter has several LoRA scalings")
-            rank = next(iter(delta.values()))["A"].shape[0]
-            mods = _install(llm, sorted(delta), rank, scalings.pop() * coef, self.in_rank)
+            rank = next(iter(pairs.values()))["A"].shape[0]
+            mods = _install(llm, sorted(pairs), rank, scalings.pop() * coef, self.params.in_rank)
             for name, m in mods.items():
-                m.add_adapter(delta[name]["A"], delta[name]["B"])
+                m.add_adapter(pairs[name]["A"], pairs[name]["B"])
         for p in llm.parameters():
             p.requires_grad_(False)
         torch.manual_seed(ctx.seed)
@@ -205,7 +211,7 @@ class PathWeave(Strategy):
                 params += list(m.add_inner(j, k).parameters())
         ctx.log["pathweave"] = {"adapters": next(iter(mods.values())).num_adapters, "modules": len(mods),
                                 "trainable": sum(p.numel() for p in params)}
-        return params
+        return OwnModules(params)
 
     def after_instruct(self, ctx: StageContext) -> None:
         layout, tensors = export_state(ctx.model.llm)

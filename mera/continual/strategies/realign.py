@@ -1,28 +1,33 @@
-import numpy as np
+"""MERA's realign: train all connectors on R_i = r% of D_1..D_i (current modality included,
+captions and QA mixed), with the LLM and the encoders frozen."""
 
-from mera.continual.strategies.base import Strategy
+import numpy as np
+from pydantic import Field
+
+from mera.config.base import StrictModel
+from mera.config.registry import register
+from mera.continual.strategies import Strategy
 from mera.data.pipeline import sample_fraction
 
 
+class RealignParams(StrictModel):
+    ratio: float = Field(0.1, gt=0, le=1, description="r: the share of each seen modality's data (0.1 is 10%)")
+
+
+@register("strategy", "realign", RealignParams)
 class Realign(Strategy):
-    """MERA's realign: train all connectors on R_i = r% of D_1..D_i (current modality included,
-    captions and QA mixed), with the LLM and the encoders frozen."""
-
     name = "realign"
-
-    def __init__(self, ratio: float):
-        self.ratio = ratio
 
     def replay_set(self, ctx):
         rng = np.random.default_rng(ctx.seed)
         samples = []
         for m in ctx.seen:
-            samples += sample_fraction(ctx.runner.sets[m].train, self.ratio, rng)
+            samples += sample_fraction(ctx.data(m), self.params.ratio, rng)
         return samples
 
     def after_stage(self, ctx):
         samples = self.replay_set(ctx)
-        res = ctx.runner.realign(ctx, samples)
+        res = ctx.train(ctx.model.connector_parameters(), samples, "realign")
         ctx.log["realign"] = {"samples": len(samples), "steps": res.steps, "seconds": round(res.seconds, 2),
                               "loss_first": res.losses[0] if res.losses else None,
                               "loss_last": res.losses[-1] if res.losses else None}

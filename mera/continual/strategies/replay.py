@@ -1,26 +1,30 @@
-import numpy as np
+"""Replay (r%): step B trains on D_i plus an r% sample of each previous modality's data
+(captions and QA mixed); the old connectors receive gradients from their replayed samples."""
 
-from mera.continual.strategies.base import Strategy
+import numpy as np
+from pydantic import Field
+
+from mera.config.base import StrictModel
+from mera.config.registry import register
+from mera.continual.strategies import Strategy
 from mera.data.pipeline import sample_fraction
 
 
-class Replay(Strategy):
-    """Replay (r%): step B trains on D_i plus an r% sample of each previous modality's data
-    (captions and QA mixed); the old connectors receive gradients from their replayed samples."""
+class ReplayParams(StrictModel):
+    ratio: float = Field(0.1, gt=0, le=1, description="r: the share of each old modality's data (0.1 is 10%)")
 
+
+@register("strategy", "replay", ReplayParams)
+class Replay(Strategy):
     name = "replay"
 
-    def __init__(self, ratio: float):
-        self.ratio = ratio
-
-    def instruct_extra_data(self, ctx):
+    def prepare_instruct(self, ctx, step):
         rng = np.random.default_rng([ctx.seed, 7])
         samples = []
         for m in ctx.seen[:-1]:
-            samples += sample_fraction(ctx.runner.sets[m].train, self.ratio, rng)
+            samples += sample_fraction(ctx.data(m), self.params.ratio, rng)
         ctx.log["replay"] = {"samples": len(samples)}
-        return samples
-
-    def instruct_extra_params(self, ctx):
+        step.data += samples
         params = [p for m in ctx.seen[:-1] for p in ctx.model.connector_parameters(m)]
-        return [("old connectors", params)] if params else []
+        if params:
+            step.groups.append(("old connectors", params))

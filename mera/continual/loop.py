@@ -1,0 +1,243 @@
+"""The stage loop: experts, then for every order and method, stage after stage:
+
+    train (align, instruct; the method's strategies) -> fold (its merge rule) -> after-stage
+    hooks (realign) -> checkpoint -> evaluate every modality seen so far -> scores.csv
+
+Seeds are derived from (run seed, what is being trained), never from what ran before, so a
+resumed run trains exactly what an uninterrupted one would.
+
+Several processes (``torchrun`` / ``accelerate launch``, docs/distributed.md) run the same loop
+together: every process trains every stage (each micro-batch split across them, see
+mera.train.loop) and generates its share of the evaluation batches; only the main process
+writes to the run directory (and clears unfinished stage folders), and a barrier follows each
+write that the others then read. ``--workers N`` instead runs independent units (experts,
+then (order, method) chains) in N processes (mera.continual.workers).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import time
+from pathlib import Path
+
+from mera import dist
+from mera.continual import checkpoint as ckpt
+from mera.continual.assets import connector_states, load_assets, seed_for
+from mera.continual.methods import build_method
+from mera.continual.rundir import RunDir, Unit
+from mera.continual.stages import load_stage
+from mera.continual.training import make_context, train_stage
+from mera.errors import ConfigError, MeraError
+from mera.eval.profile import Cost
+from mera.io import write_text
+
+
+class StageLoop:
+    def __init__(self, cfg, out_dir: str | Path, *, config_dir: Path | None = None, resume: bool = False,
+                 progress: bool = True, log=None, workers: int = 1):
+        self.cfg = cfg
+        self.dir = RunDir(out_dir, cfg)
+        self.out = self.dir.out
+        self.config_dir = config_dir or Path.cwd()
+        self.resume, self.progress, self.workers = resume, progress, max(1, int(workers))
+        self.threads = cfg.threads  # torch threads of this process (a worker process: its share)
+        self.verbose = log is None  # worker processes print their log lines only when this one does
+        self.log = log or (lambda msg: print(msg, flush=True))
+        self.main = dist.is_main()  # under a launcher only the main process writes (and logs)
+        self.assets = None
+        if dist.world_size() > 1:
+            if self.workers > 1:
+                raise ConfigError(f"--workers {self.workers} cannot be combined with a multi-process launch "
+                                  f"({dist.world_size()} processes: torchrun / accelerate launch); use one or "
+                                  "the other")
+            if not self.main:
+                self.log, self.progress = (lambda msg: None), False
+            if cfg.threads:  # the processes of one machine share the config's CPU threads, as --workers does
+                local = int(os.environ.get("LOCAL_WORLD_SIZE", dist.world_size()))
+                self.threads = max(1, cfg.threads // max(1, local))
+
+    def setup(self) -> None:
+        self.assets = load_assets(self.cfg, self.config_dir, cache_dir=self.dir.features_dir,
+                                  progress=self.progress, threads=self.threads)
+
+    # ------------------------------------------------------------------ the run
+    def run(self) -> Path:
+        self.dir.prepare(self.resume, write=False)  # fail fast, before any set-up work
+        dist.barrier()  # every process has looked at the directory before the main one writes to it
+        with dist.main_process_first():  # the main process builds the zoo / toy data; the others read them
+            self.setup()  # bad paths or files fail here, before the run directory exists
+        if self.main:
+            self.dir.prepare(self.resume)
+        dist.barrier()
+        t0 = time.perf_counter()
+        units = self.dir.units()
+        if self.workers > 1:
+            from mera.continual.workers import run_parallel
+
+            run_parallel(self, [u for u in units if u.kind == "expert"])  # every chain's stage 1 is an expert
+            run_parallel(self, [u for u in units if u.kind == "chain"])
+        else:
+            for unit in units:
+                self.run_unit(unit)
+        if not self.main:
+            dist.barrier()  # wait for the main process's scores, efficiency table and report
+            return self.out / "scores.csv"
+        try:
+            return self.finish(t0)
+        finally:
+            dist.barrier()
+
+    def run_unit(self, unit: Unit) -> None:
+        if unit.kind == "expert":
+            self.run_expert(unit.modality)
+        else:
+            self.run_chain(unit.order, self.cfg.methods[unit.method])
+
+    def run_expert(self, modality: str) -> None:
+        folder = self.dir.expert_dir(modality)
+        if ckpt.is_done(folder):
+            self.log(f"[expert {modality}] done, skipped")
+            return
+        self._start(folder)
+        t0 = time.perf_counter()
+        self.log(f"[expert {modality}] training")
+        a = self.assets
+        model = a.base_model()
+        ctx = self._context(model, "-", "expert", 1, modality, [modality], seed_for(self.cfg.seed, "expert", modality),
+                            None, folder)
+        pre = self.cfg.model.branches[modality].pretrained_connector
+        with Cost(dist.world_size()) as cost:
+            if pre:  # an already trained branch (e.g. an imported LLaVA): nothing to train
+                a.add_branch(model, modality, a.pretrained_connector_state(model, modality, pre))
+                ctx.log["pretrained_connector"] = pre
+                folds, trained = [], None
+            else:
+                folds, trained = train_stage(a, ctx, [], build_method_finetune())
+        if self.main:
+            ckpt.save_stage(folder, parent=None, folds=folds, trained=trained, connectors=connector_states(model),
+                            info={"kind": "expert", "modality": modality, "log": ctx.log, "cost": cost.info})
+        rows = self.evaluate(model, [modality], folder)
+        self._finish_stage(folder, [{"method": "expert", "order": "", "stage": "", **r} for r in rows])
+        self.log(f"[expert {modality}] {time.perf_counter() - t0:.1f}s")
+
+    def run_chain(self, order_name: str, method) -> None:
+        order = self.cfg.orders[order_name]
+        strategies, merge = build_method(method)
+        model, prev = None, None
+        for i, m in enumerate(order, 1):
+            folder = self.dir.stage_dir(order_name, method, i, m)
+            if ckpt.is_done(folder):
+                model, prev = None, folder  # loaded lazily if a later stage needs training
+                continue
+            if model is None and i > 1:
+                model = load_stage(self.assets, prev)
+            self._start(folder)
+            t0 = time.perf_counter()
+            self.log(f"[{order_name} / {method.name}] stage {i} {m}")
+            if i == 1:  # stage 1 of every method is the expert of the first modality
+                expert = self.dir.expert_dir(m)
+                if self.main:
+                    ckpt.save_stage(folder, parent=expert, folds=[], connectors=ckpt.load_connectors(expert),
+                                    info={"kind": "stage", "stage": 1, "modality": m, "same_as": "expert"})
+                dist.barrier()  # written by the main process, loaded by every one
+                rows = self.dir.read_rows(expert / "scores.csv")
+                model = load_stage(self.assets, folder) if len(order) > 1 else None
+            else:
+                ctx = self._context(model, order_name, method.name, i, m, order[:i],
+                                    seed_for(self.cfg.seed, order_name, method.name, i), prev, folder)
+                with Cost(dist.world_size()) as cost:
+                    folds, trained = train_stage(self.assets, ctx, strategies, merge)
+                    for s in strategies:
+                        s.after_stage(ctx)
+                if self.main:
+                    ckpt.save_stage(folder, parent=prev, folds=folds, trained=trained,
+                                    connectors=connector_states(model), tensors=ctx.tensors,
+                                    info={"kind": "stage", "stage": i, "modality": m, "log": ctx.log,
+                                          "cost": cost.info,
+                                          **({"llm_modules": ctx.llm_modules} if ctx.llm_modules else {})})
+                rows = self.evaluate(model, order[:i], folder)
+                if self.main and i == len(order) and order_name == next(iter(self.cfg.orders)):
+                    self.profile(model, order, folder)
+            self._finish_stage(folder, [{**r, "method": method.name, "order": order_name, "stage": i} for r in rows],
+                               assemble=True)
+            self.log(f"    stage {i} done in {time.perf_counter() - t0:.1f}s")
+            prev = folder
+
+    # ------------------------------------------------------------------ helpers
+    def _context(self, model, order, method, stage, modality, seen, seed, parent, folder):
+        return make_context(self.assets, model, order=order, method=method, stage=stage, modality=modality,
+                            seen=seen, seed=seed, parent=parent, steps_dir=self.dir.steps_dir(folder),
+                            progress=self.progress)
+
+    def _start(self, folder: Path) -> None:
+        if self.main:
+            self.dir.clean(folder)
+
+    def _finish_stage(self, folder: Path, rows: list[dict], assemble: bool = False) -> None:
+        """Rows, then DONE (the stage is complete only now), then the step checkpoints go."""
+        if self.main:
+            self.dir.write_rows(folder / "scores.csv", rows)
+            ckpt.mark_done(folder)
+            shutil.rmtree(self.dir.steps_dir(folder), ignore_errors=True)
+            if assemble:
+                self.dir.assemble_scores()
+        dist.barrier()  # the stage is DONE (and loadable) for every process
+
+    def evaluate(self, model, modalities: list[str], folder: Path) -> list[dict]:
+        """Evaluate every modality in ``modalities``; predictions go to ``folder/predictions.jsonl``."""
+        from mera.eval.evaluate import evaluate_modality
+
+        a, rows, preds = self.assets, [], []
+        for m in modalities:
+            r, ex = evaluate_modality(model, a.tokenizer, m, a.sets[m].caption_test, a.sets[m].qa_test, a.provider,
+                                      a.judge, self.cfg.eval.batch_size, self.cfg.eval.max_new_tokens,
+                                      a.set_names[m], self.progress)
+            rows += r
+            preds += [{"modality": m, **p} for p in ex["predictions"]]
+            shown = ", ".join(f"{x['task']} {x['score']:.3g}" for x in r)
+            if ex.get("qa_unparseable"):
+                shown += f" ({ex['qa_unparseable']} QA judgements unparseable, not scored)"
+            self.log(f"    eval {m:6s} {shown}   e.g. {ex.get('caption', [('', '')])[0][1]!r}")
+        if self.main:
+            write_text(folder / "predictions.jsonl", "".join(json.dumps(p) + "\n" for p in preds))
+        return rows
+
+    def profile(self, model, modalities: list[str], folder: Path) -> dict:
+        """Inference cost of a final model (batch 1, 2 test prompts per modality): ``profile.json``."""
+        from mera.eval.profile import profile_inference
+
+        a = self.assets
+        samples = [s for m in modalities for s in (a.sets[m].caption_test[:1] + a.sets[m].qa_test[:1])]
+        prof = profile_inference(model, a.tokenizer, samples, a.provider, new_tokens=self.cfg.eval.max_new_tokens)
+        write_text(folder / "profile.json", json.dumps(prof, indent=2) + "\n")
+        self.log(f"    inference: {prof['ms_per_token']:.2f} ms/token (batch 1), peak {prof['peak_mib']:.0f} MiB "
+                 f"({prof['memory_kind']}), LLM {prof['llm_params_m']:.2f}M parameters")
+        return prof
+
+    def finish(self, t0: float) -> Path:
+        """scores.csv, efficiency.json and the report (the main process)."""
+        from mera.eval.report import write_report
+
+        scores = self.dir.assemble_scores()
+        self.log(f"all stages done in {time.perf_counter() - t0:.1f}s; scores: {scores}")
+        eff = self.dir.efficiency()
+        write_text(self.out / "efficiency.json", json.dumps(eff, indent=2) + "\n")
+        try:
+            write_report([str(scores)], str(self.out), efficiency=eff)
+        except MeraError as e:  # e.g. an expert scored 0: relative gains are undefined; scores stay
+            self.log(f"no report: {e}")
+        return scores
+
+
+def build_method_finetune():
+    """The merge rule of an expert: its delta folded whole."""
+    from mera.config import registry
+
+    return registry.build("merge", "finetune")
+
+
+def run(cfg, out_dir, **kwargs) -> Path:
+    """Run (or resume) ``cfg`` into ``out_dir``; returns the path of scores.csv."""
+    return StageLoop(cfg, out_dir, **kwargs).run()

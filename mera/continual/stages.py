@@ -1,0 +1,39 @@
+"""``load_stage(assets, folder)``: the model of a finished stage, rebuilt from its checkpoint
+chain exactly as the run evaluated it (export, generate and profile call it; no run loop)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from mera.continual import checkpoint as ckpt
+from mera.continual.assets import Assets
+from mera.errors import CheckpointError
+
+
+def load_stage(assets: Assets, folder: str | Path):
+    """The base LLM with every fold of the chain, the strategy's own LLM modules (if any), and
+    every connector of the stage."""
+    folder = Path(folder)
+    model = assets.base_model()
+    ckpt.apply_stage_llm(model.llm, folder)
+    manifest = ckpt.read_manifest(folder)
+    layout = manifest.get("llm_modules")
+    if layout:
+        if layout.get("kind") != "pathweave":
+            raise CheckpointError(f"{folder}: unknown LLM modules {layout.get('kind')!r} in the manifest")
+        from mera.continual.strategies.pathweave import install_from_state
+
+        install_from_state(model.llm, layout, ckpt.load_strategy_tensors(folder))
+    branches = assets.cfg.model.branches
+    for m, state in ckpt.load_connectors(folder).items():
+        if m not in branches:
+            raise CheckpointError(f"{folder}: the stage has a {m!r} connector, but the config has no such branch "
+                                  f"(branches: {', '.join(branches)})")
+        try:
+            assets.add_branch(model, m, state)
+        except RuntimeError as e:  # size mismatch: a checkpoint of another model config
+            last = str(e).strip().splitlines()[-1].strip()
+            raise CheckpointError(
+                f"{folder / manifest['connectors']}: the {m!r} connector does not fit the configured "
+                f"{branches[m].connector.type} connector ({last}); a checkpoint of another model config?") from None
+    return model

@@ -1,0 +1,140 @@
+"""Training one stage: the standard two steps on the new modality (METHOD.md section 2), what the
+strategies add to them, and the merge rule's fold of the LLM delta.
+
+    add the new branch -> step A (align: new connector, captions)
+    -> the LLM's adapter (a fresh LoRA, a continued one, or a strategy's own modules)
+    -> step B (instruct: new connector + adapter on captions + QA, plus what strategies add)
+    -> extract the delta, detach the adapter, fold what the merge rule returns
+
+``run_phase`` trains one phase with the recipe of ``train.<phase>`` through the one training
+loop (:func:`mera.train.loop.train_phase`); strategies reach it as ``ctx.train``.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from mera.continual.assets import Assets, seed_for
+from mera.continual.checkpoint import ChainView
+from mera.continual.deltas import Delta
+from mera.continual.strategies import Continue, InstructStep, OwnModules, StageContext
+from mera.data.pipeline import ItemDataset
+from mera.model.collate import MultimodalCollator
+from mera.train.loop import PhaseResult, StepCheckpoint, train_phase
+from mera.train.lora import attach_lora, detach_lora, extract_lora, load_lora, lora_parameters
+
+
+def phase_log(res: PhaseResult) -> dict:
+    return {"steps": res.steps, "seconds": round(res.seconds, 2),
+            "loss_first": round(res.losses[0], 4) if res.losses else None,
+            "loss_last": round(res.losses[-1], 4) if res.losses else None,
+            "losses": [round(x, 6) for x in res.losses]}  # one per optimizer step
+
+
+def run_phase(assets: Assets, model, groups: list[dict], samples, phase: str, seed: int, desc: str, *,
+              steps_dir: Path | None = None, extra_loss=None, progress: bool = False) -> PhaseResult:
+    """Train the parameters of ``groups`` (``{"params", "lr"}``) on ``samples`` with ``train.<phase>``."""
+    tc = assets.cfg.train
+    pc = getattr(tc, phase)
+    for p in model.parameters():
+        p.requires_grad_(False)
+    for g in groups:
+        for p in g["params"]:
+            p.requires_grad_(True)
+    collate = MultimodalCollator(assets.tokenizer, model, train=True)
+    ck = StepCheckpoint(steps_dir / phase, tc.checkpoint_every) if tc.checkpoint_every and steps_dir else None
+    # every phase backpropagates through the frozen LLM (into the connectors, or its LoRA):
+    # gradient checkpointing trades its activations' memory for recomputation in all of them
+    gc = tc.gradient_checkpointing and hasattr(model.llm, "gradient_checkpointing_enable")
+    if gc:
+        model.llm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    try:
+        res = train_phase(model, groups, ItemDataset(samples, assets.provider), collate,
+                          batch_size=pc.batch_size, micro_batch_size=pc.micro_batch_size, epochs=pc.epochs,
+                          warmup_ratio=pc.warmup_ratio, weight_decay=pc.weight_decay,
+                          max_grad_norm=pc.max_grad_norm, seed=seed, extra_loss=extra_loss, desc=desc,
+                          progress=progress, checkpoint=ck, num_workers=tc.num_workers)
+    finally:
+        if gc:
+            model.llm.gradient_checkpointing_disable()
+    for p in model.parameters():
+        p.requires_grad_(False)
+    return res
+
+
+def make_context(assets: Assets, model, *, order: str, method: str, stage: int, modality: str, seen: list[str],
+                 seed: int, parent: Path | None, steps_dir: Path | None, progress: bool) -> StageContext:
+    """The narrow view a stage's strategies get (model, data, a phase trainer, the parent chain)."""
+    def train(params, samples, phase: str, extra_loss=None) -> PhaseResult:
+        if params and not isinstance(params[0], dict):  # a plain parameter list: the phase's connector lr
+            params = [{"params": list(params), "lr": getattr(assets.cfg.train, phase).lr_connector}]
+        return run_phase(assets, model, params, samples, phase, seed_for(seed, phase),
+                         f"{method} s{stage} {modality} {phase}", steps_dir=steps_dir, extra_loss=extra_loss,
+                         progress=progress)
+
+    def batch(samples):
+        return MultimodalCollator(assets.tokenizer, model, train=True)([assets.provider.item(s) for s in samples])
+
+    return StageContext(model=model, order=order, method=method, stage=stage, modality=modality, seen=seen,
+                        seed=seed, train=train, data=lambda m: assets.sets[m].train, batch=batch,
+                        history=ChainView(parent))
+
+
+def _sum_losses(losses):
+    if not losses:
+        return None
+    if len(losses) == 1:
+        return losses[0]
+
+    def total():
+        terms = [t for t in (f() for f in losses) if t is not None]
+        return sum(terms) if terms else None
+
+    return total
+
+
+def train_stage(assets: Assets, ctx: StageContext, strategies: list, merge) -> tuple[list, Delta | None]:
+    """The two steps on ``ctx.modality`` and the fold; returns (folds [(Delta, coef)], trained Delta)."""
+    tc, m, model = assets.cfg.train, ctx.modality, ctx.model
+    assets.add_branch(model, m)
+    conn = model.connector_parameters(m)
+    # step A: align the new connector on captions
+    res = ctx.train([{"params": conn, "lr": tc.align.lr_connector}], assets.sets[m].caption_train, "align")
+    ctx.log["align"] = phase_log(res)
+    # the LLM's adapter in step B: a strategy's own modules, a continued LoRA, or a fresh one
+    adapters = [a for a in (s.adapter(ctx) for s in strategies) if a is not None]
+    adapter = adapters[0] if adapters else None
+    if isinstance(adapter, OwnModules):
+        _instruct(assets, ctx, strategies, conn, adapter.params)
+        return list(ctx.folds), None
+    folds = []
+    if isinstance(adapter, Continue):  # take it out of the weights, train it as an adapter again
+        adapter.delta.fold(model.llm, -adapter.coef)
+        folds.append((adapter.delta, -adapter.coef))
+    model.llm = attach_lora(model.llm, tc.lora, seed_for(ctx.seed, "lora"))
+    if isinstance(adapter, Continue):
+        load_lora(model.llm, adapter.delta.modules)
+    _instruct(assets, ctx, strategies, conn, list(lora_parameters(model.llm).values()))
+    new = Delta.lora(extract_lora(model.llm))
+    model.llm = detach_lora(model.llm)
+    merged = merge.merge(new, ctx.history.trained() if ctx.history.folder else [], ctx.stage)
+    for delta, coef in merged:
+        delta.fold(model.llm, coef)
+    folds += merged
+    ctx.log["merge_coef"] = merged[0][1] if len(merged) == 1 and merged[0][0] is new else [c for _, c in merged]
+    return folds, new
+
+
+def _instruct(assets: Assets, ctx: StageContext, strategies: list, conn, llm_params) -> None:
+    """Step B: the new connector and ``llm_params`` on the new modality's captions + QA, plus what
+    the strategies add (data, parameter groups, loss terms)."""
+    step = InstructStep(data=list(ctx.data(ctx.modality)))
+    for s in strategies:
+        s.prepare_instruct(ctx, step)
+    pc = assets.cfg.train.instruct
+    groups = [{"params": conn, "lr": pc.lr_connector}, {"params": llm_params, "lr": pc.lr_lora or pc.lr_connector}]
+    groups += [{"params": params, "lr": pc.lr_connector} for _name, params in step.groups]
+    res = ctx.train(groups, step.data, "instruct", extra_loss=_sum_losses(step.losses))
+    ctx.log["instruct"] = phase_log(res)
+    for s in strategies:
+        s.after_instruct(ctx)
