@@ -5,7 +5,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.mera-installed
 
-.PHONY: demo test bench install clean-venv
+.PHONY: demo test test-fast lint bench install clean-venv
 
 $(STAMP): requirements.txt requirements-test.txt pyproject.toml
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -21,8 +21,17 @@ demo: $(STAMP)
 	$(BIN)/mera toy build
 	$(BIN)/mera run configs/toy/demo.yaml --out runs/demo --resume --workers 2
 
-test: $(STAMP)
+# ruff, the layer contract (lint-imports, pyproject.toml) and the whole suite
+test: lint
 	$(BIN)/python -m pytest
+
+# the inner loop: lint and the tests that do not train a run (under 90 s)
+test-fast: lint
+	$(BIN)/python -m pytest -m "not slow"
+
+lint: $(STAMP)
+	$(BIN)/ruff check .
+	$(BIN)/lint-imports
 
 bench: $(STAMP)
 	$(BIN)/python benchmarks/merge_bench.py

@@ -49,7 +49,8 @@ def child(args) -> dict:
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from mera.continual.merging import cma_coefficient, dense_average
+    from mera.continual.merges import dense_average
+    from mera.continual.merges.cma import cma_coefficient
     from mera.train.lora import fold_lora
 
     torch.set_num_threads(2)

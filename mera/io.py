@@ -1,10 +1,14 @@
-"""Atomic file writes: write to a temporary name in the same folder, then rename."""
+"""Atomic file and folder writes (write under a temporary name beside the target, then rename),
+and file digests. The bottom layer: no torch, nothing above ``mera.faults``."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
+import shutil
 import tempfile
+import uuid
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -48,3 +52,38 @@ def write_text(path, text: str) -> None:
 
 def write_json(path, obj, indent: int | None = 2) -> None:
     write_text(path, json.dumps(obj, indent=indent) + "\n")
+
+
+def sha256_file(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while b := f.read(chunk):
+            h.update(b)
+    return h.hexdigest()
+
+
+def replace_dir(src: Path, dst: Path) -> None:
+    """Move the finished folder ``src`` onto ``dst``, replacing any old ``dst`` (same filesystem)."""
+    src, dst = Path(src), Path(dst)
+    old = None
+    if dst.exists():
+        old = dst.with_name(f".{dst.name}.old-{uuid.uuid4().hex[:8]}")
+        os.replace(dst, old)
+    os.replace(src, dst)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+@contextmanager
+def atomic_dir(dst: str | os.PathLike):
+    """Yield a fresh temporary folder beside ``dst``; on success it replaces ``dst``, on error it is removed."""
+    dst = Path(dst)
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    tmp = dst.with_name(f".{dst.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}")
+    tmp.mkdir()
+    try:
+        yield tmp
+        replace_dir(tmp, dst)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise

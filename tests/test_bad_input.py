@@ -228,7 +228,7 @@ BAD_OVERRIDES = {
                                             ["data.sets", "no data for modality 'audio'"]),
     "empty order": (["orders.seq=[]"], ["orders.seq", "non-empty list of distinct modalities"]),
     "unknown strategy": (["methods.0.strategies=[finetun]"],
-                         ["methods.0.strategies", "unknown strategy 'finetun'", "known: finetune, merge"]),
+                         ["methods.0.strategies", "unknown strategy 'finetun'", "known: cma, ewc, finetune, merge"]),
     "replay_ratio 0": (["methods.0.replay_ratio=0"], ["methods.0.replay_ratio", "must be in (0, 1]", "got 0"]),
     "replay_ratio > 1": (["methods.0.replay_ratio=1.5"], ["methods.0.replay_ratio", "(0, 1]", "got 1.5"]),
     "realign_ratio < 0": (["methods.0.realign_ratio=-0.1"], ["methods.0.realign_ratio", "(0, 1]", "got -0.1"]),
@@ -459,7 +459,7 @@ def _truncate(path: Path) -> None:
 
 
 def _foreign_lora(out: Path, assets: Path) -> None:  # another model's weights under the stage's name
-    shutil.copy(assets / "image" / "model.safetensors", out / EXPERT / "lora.safetensors")
+    shutil.copy(assets / "image" / "model.safetensors", out / EXPERT / "delta.safetensors")
 
 
 def _foreign_connectors(out: Path, assets: Path) -> None:
@@ -467,17 +467,17 @@ def _foreign_connectors(out: Path, assets: Path) -> None:
 
 
 def _lora_other_shapes(out: Path, assets: Path) -> None:  # a LoRA trained on a wider LLM (48 instead of 32)
-    f = out / EXPERT / "lora.safetensors"
+    f = out / EXPERT / "delta.safetensors"
     _save(f, {k: torch.zeros(v.shape[0], 48) if k.endswith("lora_A") else torch.zeros(48, v.shape[1])
               for k, v in _load(f).items()})
 
 
 def _lora_other_modules(out: Path, assets: Path) -> None:  # a LoRA of a deeper LLM: layer 7
-    f, m = out / EXPERT / "lora.safetensors", out / EXPERT / "manifest.json"
+    f, m = out / EXPERT / "delta.safetensors", out / EXPERT / "manifest.json"
     _save(f, {k.replace("layers.0.", "layers.7."): v for k, v in _load(f).items()})
     man = json.loads(m.read_text())
-    man["deltas"][0]["scalings"] = {k.replace("layers.0.", "layers.7."): v
-                                    for k, v in man["deltas"][0]["scalings"].items()}
+    man["folds"][0]["scalings"] = {k.replace("layers.0.", "layers.7."): v
+                                    for k, v in man["folds"][0]["scalings"].items()}
     m.write_text(json.dumps(man))
 
 
@@ -490,19 +490,19 @@ def _foreign_manifest(out: Path, assets: Path) -> None:
 
 
 CHECKPOINT_CASES = {
-    "truncated LoRA": (lambda out, a: _truncate(out / EXPERT / "lora.safetensors"),
-                       f"{EXPERT}/lora.safetensors", ["unreadable safetensors file"]),
+    "truncated LoRA": (lambda out, a: _truncate(out / EXPERT / "delta.safetensors"),
+                       f"{EXPERT}/delta.safetensors", ["unreadable safetensors file"]),
     "truncated connectors": (lambda out, a: _truncate(out / STAGE1 / "connectors.safetensors"),
                              f"{STAGE1}/connectors.safetensors", ["unreadable safetensors file"]),
-    "not a safetensors file": (lambda out, a: (out / EXPERT / "lora.safetensors").write_text('{"a": 1}'),
-                               f"{EXPERT}/lora.safetensors", ["unreadable safetensors file"]),
-    "foreign LoRA file": (_foreign_lora, f"{EXPERT}/lora.safetensors",
-                          ["not the LoRA file its manifest describes", "missing tensor", "the file holds"]),
+    "not a safetensors file": (lambda out, a: (out / EXPERT / "delta.safetensors").write_text('{"a": 1}'),
+                               f"{EXPERT}/delta.safetensors", ["unreadable safetensors file"]),
+    "foreign LoRA file": (_foreign_lora, f"{EXPERT}/delta.safetensors",
+                          ["not the delta file its manifest describes", "missing tensor", "the file holds"]),
     "foreign connectors file": (_foreign_connectors, f"{STAGE1}/connectors.safetensors",
                                 ["holds connectors for", "its manifest lists ['image']"]),
-    "LoRA of another backbone (shapes)": (_lora_other_shapes, f"{EXPERT}/lora.safetensors",
+    "LoRA of another backbone (shapes)": (_lora_other_shapes, f"{EXPERT}/delta.safetensors",
                                           ["LoRA of 'model.layers.0.", "A (2, 48)", "A (r, 32) and B (", "another LLM"]),
-    "LoRA of another backbone (modules)": (_lora_other_modules, f"{EXPERT}/lora.safetensors",
+    "LoRA of another backbone (modules)": (_lora_other_modules, f"{EXPERT}/delta.safetensors",
                                            ["module 'model.layers.7.", "which the LLM does not have", "another LLM"]),
     "corrupt manifest": (_corrupt_manifest, f"{STAGE1}/manifest.json", ["invalid JSON"]),
     "foreign manifest": (_foreign_manifest, f"{STAGE1}/manifest.json", ["not a mera stage manifest"]),
@@ -605,7 +605,7 @@ def test_disk_full_while_saving_a_stage(resumable, monkeypatch):
 
     monkeypatch.setattr(ckpt, "save_file", full_disk)
     before = tree(out)
-    one_line_error(resume(cfg, out), str(out / STAGE2 / "lora.safetensors"), "No space left on device",
+    one_line_error(resume(cfg, out), str(out / STAGE2 / "delta.safetensors"), "No space left on device",
                    "not marked done")
     assert without(tree(out), STAGE2) == without(before, STAGE2)
     assert not (out / STAGE2 / "DONE").exists()

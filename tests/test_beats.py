@@ -13,8 +13,15 @@ import mera.model.encoders.beats  # noqa: F401  (registers beats)
 from mera.data.media import AudioClip
 from mera.errors import CheckpointError, DataError
 from mera.model.encoders.base import load_encoder
-from mera.model.encoders.beats import (BEATsConfig, BEATsEncoder, build_beats, convert_beats_checkpoint,
-                                       official_state_keys, relative_position_bucket, save_beats)
+from mera.model.encoders.beats import (
+    BEATsConfig,
+    BEATsEncoder,
+    build_beats,
+    convert_beats_checkpoint,
+    official_state_keys,
+    relative_position_bucket,
+    save_beats,
+)
 from mera.model.encoders.fbank import kaldi_fbank
 
 TINY = {"embed_dim": 32, "encoder_embed_dim": 64, "encoder_layers": 2, "encoder_attention_heads": 4,

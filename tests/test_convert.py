@@ -8,7 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from mera.data.convert import KNOWN_SETS, add_convert_parser, convert, convert_command
+from mera.cli import data as data_cli
+from mera.data.convert import KNOWN_SETS, convert
 from mera.data.format import load_dataset
 from mera.errors import ConfigError, DataError, MeraError
 
@@ -480,10 +481,10 @@ def test_unknown_set_lists_known_sets(tmp_path):
 
 def test_convert_command_through_argparse(tmp_path, capsys):
     src, out = coco_src(tmp_path), tmp_path / "out"
-    p = argparse.ArgumentParser(prog="mera data")
-    add_convert_parser(p.add_subparsers(dest="data_command", required=True))
-    args = p.parse_args(["convert", "MSCOCO", "--src", str(src), "--out", str(out), "--split", "test",
+    p = argparse.ArgumentParser(prog="mera")
+    data_cli.add_parser(p.add_subparsers(dest="command", required=True))
+    args = p.parse_args(["data", "convert", "MSCOCO", "--src", str(src), "--out", str(out), "--split", "test",
                          "--limit", "2", "--seed", "7"])
-    assert convert_command(args) == 0
+    assert args.func is data_cli.run and data_cli.run(args) == 0
     assert "2 samples" in capsys.readouterr().out
     assert record(out, "mscoco_test")["seed"] == 7 and len(load_dataset(out / "mscoco_test.json")) == 2

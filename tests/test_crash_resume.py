@@ -7,11 +7,11 @@ import subprocess
 import sys
 
 import pytest
+from micro import micro_config  # noqa: E402
 
 from mera.config import load_config
-from mera.continual.runner import Runner
-from mera.run_config import RunConfig
-from micro import micro_config  # noqa: E402
+from mera.continual.loop import StageLoop
+from mera.continual.run_config import RunConfig
 
 pytestmark = pytest.mark.slow
 
@@ -24,7 +24,7 @@ def test_sigkill_at_any_moment_then_resume_gives_identical_scores(micro_assets, 
     cfg_path = micro_config(micro_assets, tmp_path, methods=METHODS, train={"checkpoint_every": 3, "cache_features": "disk"})
     cfg = load_config(cfg_path, [], RunConfig)
     ref = tmp_path / "ref"
-    Runner(cfg, ref, config_dir=tmp_path, progress=False, log=lambda m: None).run()
+    StageLoop(cfg, ref, config_dir=tmp_path, progress=False, log=lambda m: None).run()
 
     out = tmp_path / "crashy"
     cmd = [sys.executable, "-m", "mera", "run", str(cfg_path), "--out", str(out), "--resume", "--quiet"]

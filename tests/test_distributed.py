@@ -16,7 +16,6 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-
 from micro import micro_config  # noqa: E402
 
 pytestmark = pytest.mark.slow

@@ -9,8 +9,15 @@ import torch
 
 from mera.data.media import AudioClip
 from mera.errors import DataError
-from mera.model.encoders.fbank import (FLOAT_EPS, audio_waveform, fit_length, kaldi_fbank, mel_banks, num_frames,
-                                       resample)
+from mera.model.encoders.fbank import (
+    FLOAT_EPS,
+    audio_waveform,
+    fit_length,
+    kaldi_fbank,
+    mel_banks,
+    num_frames,
+    resample,
+)
 
 SR = 16000
 

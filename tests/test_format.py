@@ -8,8 +8,17 @@ import numpy as np
 import pytest
 
 from mera.data.format import Sample, load_dataset, write_dataset
-from mera.data.media import (AudioClip, read_audio, read_image, read_media, read_points, write_audio, write_image,
-                             write_points, write_video)
+from mera.data.media import (
+    AudioClip,
+    read_audio,
+    read_image,
+    read_media,
+    read_points,
+    write_audio,
+    write_image,
+    write_points,
+    write_video,
+)
 from mera.errors import DataError
 
 

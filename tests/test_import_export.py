@@ -15,7 +15,8 @@ import yaml
 from safetensors.torch import load_file, save_file
 
 from mera.errors import CheckpointError, ConfigError, MeraError
-from mera.export import LLAVA15_CHAT_TEMPLATE, export_stage, import_llava
+from mera.interop.export import export_stage
+from mera.interop.llava import LLAVA15_CHAT_TEMPLATE, import_llava
 
 # LLaVA's processor template: list contents ({"type": "image"}, {"type": "text"}), as in llava-hf folders
 PROCESSOR_TEMPLATE = (
@@ -44,8 +45,14 @@ def tiny_llava(folder: Path, *, layout: str = "saved", tie: bool = False, bias: 
     CLIP image processor. ``layout``: "saved" (what transformers 5 writes), "memory" (the
     ``model.vision_tower`` / ``model.language_model`` names of transformers 4.52-4.57) or
     "llava-hf" (``vision_tower.vision_model.*``, as the llava-hf checkpoints)."""
-    from transformers import (CLIPImageProcessor, CLIPVisionConfig, LlamaConfig, LlavaConfig,
-                              LlavaForConditionalGeneration, LlavaProcessor)
+    from transformers import (
+        CLIPImageProcessor,
+        CLIPVisionConfig,
+        LlamaConfig,
+        LlavaConfig,
+        LlavaForConditionalGeneration,
+        LlavaProcessor,
+    )
 
     tok = toy_llava_tokenizer()
     if template != "toy":
@@ -247,9 +254,9 @@ def micro_run(base: Path) -> dict:
     Built once under ``base`` (a session folder) and reused by test_generate.py; MERA_HOME must
     point to ``base / "home"``."""
     from mera.config import load_config
-    from mera.continual.runner import Runner
+    from mera.continual.loop import StageLoop
+    from mera.continual.run_config import RunConfig
     from mera.model.encoders.toy import build_toy_encoder, save_toy_encoder
-    from mera.run_config import RunConfig
 
     ready = base / "READY.json"
     if ready.is_file():
@@ -279,8 +286,8 @@ def micro_run(base: Path) -> dict:
     }
     (base / "micro.yaml").write_text(yaml.safe_dump(cfg))
     run = base / "run"
-    Runner(load_config(base / "micro.yaml", [], RunConfig), run, config_dir=base, progress=False,
-           log=lambda m: None).run()
+    StageLoop(load_config(base / "micro.yaml", [], RunConfig), run, config_dir=base, progress=False,
+              log=lambda m: None).run()
     paths = {"base": base, "llava": llava, "imported": model_dir, "run": run,
              "stage1": run / "sequential/mera-10/stage_1_image", "stage2": run / "sequential/mera-10/stage_2_point"}
     ready.write_text(json.dumps({k: str(v) for k, v in paths.items()}))
@@ -301,42 +308,42 @@ def test_micro_run_with_the_imported_image_branch(run):
     from mera.continual import checkpoint as ckpt
 
     expert = ckpt.read_manifest(run["run"] / "experts/image")
-    assert expert["deltas"] == [] and expert["log"]["pretrained_connector"].endswith("image.safetensors")
+    assert expert["folds"] == [] and expert["log"]["pretrained_connector"].endswith("image.safetensors")
     assert "align" not in expert["log"]  # nothing trained
-    assert not list((run["run"] / "experts/image").glob("lora*.safetensors"))
+    assert not list((run["run"] / "experts/image").glob("*delta*.safetensors"))
     conn = ckpt.load_connectors(run["run"] / "experts/image")["image"]
     ref = load_file(str(run["imported"] / "connectors/image.safetensors"))
     assert set(conn) == set(ref) and all(torch.equal(conn[k], ref[k]) for k in ref)
     # the point expert was trained (LoRA delta), stage 2 completed with scores for both modalities
-    assert ckpt.read_manifest(run["run"] / "experts/point")["deltas"]
+    assert ckpt.read_manifest(run["run"] / "experts/point")["folds"]
     assert ckpt.is_done(run["stage2"])
     rows = [line.split(",") for line in (run["stage2"] / "scores.csv").read_text().splitlines()[1:]]
     assert sorted((r[3], r[5]) for r in rows) == [("image", "caption"), ("image", "qa"),
                                                    ("point", "caption"), ("point", "qa")]
     m2 = ckpt.read_manifest(run["stage2"])
-    assert m2["deltas"][0]["coef"] == 0.5 and "realign" in m2["log"] and m2["modalities"] == ["image", "point"]
+    assert m2["folds"][0]["coef"] == 0.5 and "realign" in m2["log"] and m2["modalities"] == ["image", "point"]
 
 
 # ------------------------------------------------------------------------------ export
 
 
 @pytest.fixture(scope="module")
-def runner(run):
-    from mera.export import runner_for
+def assets(run):
+    from mera.interop.export import assets_for
 
-    return runner_for(run["run"], data=True)  # the tests compare with the run's own test sets
+    return assets_for(run["run"], data=True)  # the tests compare with the run's own test sets
 
 
 @pytest.fixture(scope="module")
-def exported(run, runner):
+def exported(run, assets):
     out = run["base"] / "export-stage2"
     if not (out / "manifest.json").is_file():
-        export_stage(run["stage2"], out, runner=runner)
+        export_stage(run["stage2"], out, assets=assets)
     return out
 
 
 @pytest.mark.slow
-def test_export_folds_the_llm_exactly(run, runner, exported):
+def test_export_folds_the_llm_exactly(run, assets, exported):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from mera.continual import checkpoint as ckpt
@@ -346,7 +353,9 @@ def test_export_folds_the_llm_exactly(run, runner, exported):
     assert manifest["modalities"]["image"]["encoder"] == {"family": "hf_clip", "options": {},
                                                           "path": str(run["imported"] / "encoders/image")}
     assert manifest["source"]["stage"] == str(run["stage2"].resolve())
-    stage = runner.load_stage(run["stage2"])
+    from mera.continual.stages import load_stage
+
+    stage = load_stage(assets, run["stage2"])
     plain = AutoModelForCausalLM.from_pretrained(str(exported / "llm")).eval()
     tok = AutoTokenizer.from_pretrained(str(exported / "llm"))
     ids = torch.tensor([tok("red circle on the left .")["input_ids"]])
@@ -366,7 +375,7 @@ def test_export_refuses_pathweave_and_unfinished_stages(tmp_path):
     from mera.continual import checkpoint as ckpt
 
     pw = tmp_path / "run/seq/pathweave/stage_2_point"
-    ckpt.save_stage(pw, parent=None, deltas=[], connectors={},
+    ckpt.save_stage(pw, parent=None, folds=[], connectors={},
                     info={"kind": "stage", "stage": 2, "llm_modules": {"kind": "pathweave"}})
     with pytest.raises(CheckpointError, match="not a finished stage"):
         export_stage(pw, tmp_path / "out")
@@ -379,15 +388,15 @@ def test_export_refuses_pathweave_and_unfinished_stages(tmp_path):
 def test_cli_parsers():
     import argparse
 
-    from mera.export import add_export_parser, add_import_llava_parser, cmd_export, cmd_import_llava
+    from mera.cli import export, import_llava
 
     p = argparse.ArgumentParser()
     sub = p.add_subparsers(dest="command")
-    add_import_llava_parser(sub)
-    add_export_parser(sub)
+    import_llava.add_parser(sub)
+    export.add_parser(sub)
     a = p.parse_args(["import-llava", "L", "--out", "M", "--tokenizer", "T"])
-    assert (a.llava_dir, a.out, a.tokenizer, a.force, a.func) == ("L", "M", "T", False, cmd_import_llava)
+    assert (a.llava_dir, a.out, a.tokenizer, a.force, a.func) == ("L", "M", "T", False, import_llava.run)
     a = p.parse_args(["export", "S", "--out", "D", "--force"])
-    assert (a.stage_dir, a.out, a.force, a.config_dir, a.func) == ("S", "D", True, None, cmd_export)
+    assert (a.stage_dir, a.out, a.force, a.config_dir, a.func) == ("S", "D", True, None, export.run)
     with pytest.raises(SystemExit):
         p.parse_args(["export", "S"])  # --out is required

@@ -8,6 +8,7 @@ from mera.errors import ConfigError, DataError, MeraError
 from mera.eval.judges import (
     ExactMatchJudge,
     Judge,
+    check_judge_options,
     get_judge,
     judge_qa,
     normalize_answer,
@@ -96,13 +97,55 @@ def test_registry():
         get_judge("gpt")
     with pytest.raises(ConfigError, match="no options"):
         get_judge("exact_match", model="x")
-    register_judge("half", lambda: HalfParsedJudge())
-    try:
-        assert get_judge("half").name == "half"
-    finally:
-        from mera.eval.judges import JUDGES
+    from mera.config import registry
 
-        del JUDGES["half"]
+    assert registry.names("judge") == ["exact_match", "local_llm", "openai"]
+    assert registry.lookup("judge", "exact_match").obj is ExactMatchJudge
+    assert isinstance(registry.build("judge", "exact_match"), ExactMatchJudge)
+    try:
+        register_judge("half", lambda: HalfParsedJudge())
+        assert "half" in registry.names("judge") and get_judge("half").name == "half"
+    finally:
+        registry._ENTRIES["judge"].pop("half", None)
+    assert "half" not in registry.names("judge")
+
+
+def test_register_judge_with_options(monkeypatch):
+    from mera.config import registry
+    from mera.config.base import StrictModel
+
+    class Opts(StrictModel):
+        k: int = 1
+
+    made = []
+    monkeypatch.setitem(registry._ENTRIES, "judge", dict(registry._ENTRIES["judge"]))
+    register_judge("plain", lambda **kw: made.append(kw) or HalfParsedJudge())
+    register_judge("typed", lambda **kw: made.append(kw) or HalfParsedJudge(), Opts)
+    get_judge("plain", anything="goes")
+    get_judge("typed", k="3")
+    assert made == [{"anything": "goes"}, {"k": 3}]
+    check_judge_options("plain", {"anything": "goes"})  # no model: nothing to check before building
+    with pytest.raises(ConfigError, match=r"judge 'typed': unknown option\(s\) j"):
+        get_judge("typed", j=2)
+
+
+def test_check_judge_options_reads_no_environment(monkeypatch):
+    monkeypatch.delenv("OPENAI_API_KEY", raising=False)
+    check_judge_options("exact_match", {})
+    check_judge_options("openai", {"model": "gpt-4o-mini", "api_key_env": "OPENAI_API_KEY"})
+    check_judge_options("local_llm", {"path": "/nowhere/model"})  # the folder is not looked at
+    for name, opts, match in [
+        ("gpt", {}, "unknown judge 'gpt'; known judges: exact_match, local_llm, openai"),
+        ("exact_match", {"model": "x"}, "judge 'exact_match' takes no options, got model"),
+        ("openai", {"api_key": "sk-secret"}, r"judge 'openai': unknown option\(s\) api_key \(known: model, "),
+        ("openai", {"max_concurrency": 0}, "judge 'openai': max_concurrency must be >= 1, got 0"),
+        ("openai", {"timeout": "soon"}, "judge 'openai': timeout: Input should be a valid number"),
+        ("local_llm", {}, "judge 'local_llm': needs the option path"),
+        ("local_llm", {"path": "/m", "dtype": "int8"}, "dtype must be one of float32, float16, bfloat16"),
+    ]:
+        with pytest.raises(ValueError, match=match) as e:
+            check_judge_options(name, opts)
+        assert "sk-secret" not in str(e.value)
 
 
 def test_input_errors():

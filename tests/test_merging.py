@@ -4,8 +4,9 @@ import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from mera.continual.merging import cma_coefficient, dense_average, lora_delta
-from mera.train.lora import LoraSettings, attach_lora, detach_lora, extract_lora, fold_lora
+from mera.continual.merges import dense_average
+from mera.continual.merges.cma import cma_coefficient
+from mera.train.lora import LoraSettings, attach_lora, detach_lora, extract_lora, fold_lora, lora_delta
 
 
 def tiny_llama(seed=0):
@@ -64,17 +65,20 @@ def test_factored_merge_equals_dense_average_over_stages():
     assert max((vanilla[k] - dense_model[k]).abs().max().item() for k in vanilla) > 1e-3
 
 
-def test_merge_only_strategy_uses_the_cma_coefficient():
-    from types import SimpleNamespace
+def test_merge_only_and_mera_fold_the_new_delta_with_the_cma_coefficient():
+    from mera.continual.deltas import Delta
+    from mera.continual.methods import MethodConfig, build_method
 
-    from mera.continual.strategies import build_strategy
-
-    merge_only = build_strategy(["merge"], replay_ratio=0.1)
-    mera = build_strategy(["merge", "realign"], replay_ratio=0.1)
+    new = Delta.dense({"w": torch.ones(2, 2)})
+    _, merge_only = build_method(MethodConfig(name="Merge only", strategies=["merge"]))
+    strategies, mera = build_method(MethodConfig(name="MERA", strategies=["merge", "realign"], replay_ratio=0.1))
+    assert [s.name for s in strategies] == ["realign"] and strategies[0].params.ratio == 0.1
     for i in (2, 3, 4, 7):
-        ctx = SimpleNamespace(stage=i)
-        assert merge_only.merge_coefficient(ctx) == mera.merge_coefficient(ctx) == pytest.approx(1 / i)
-    assert build_strategy(["finetune"], 0.1).merge_coefficient(SimpleNamespace(stage=3)) == 1.0
+        for rule in (merge_only, mera):
+            [(delta, coef)] = rule.merge(new, [], i)
+            assert delta is new and coef == pytest.approx(1 / i)
+    _, ft = build_method(MethodConfig(name="FT", strategies=["finetune"]))
+    assert ft.merge(new, [], 3) == [(new, 1.0)]
 
 
 def test_ewc_penalty_is_zero_at_the_anchor_and_grows_with_the_distance():

@@ -92,19 +92,26 @@ def test_replay_adds_old_modalities_only_and_realign_all_seen():
     the new one; realign's set: r% of every modality seen so far, the new one included."""
     from types import SimpleNamespace
 
-    from mera.continual.strategies.realign import Realign
-    from mera.continual.strategies.replay import Replay
+    from mera.continual.strategies.realign import Realign, RealignParams
+    from mera.continual.strategies.replay import Replay, ReplayParams
     from mera.data.pipeline import ModalitySets
 
     def items(m, task, n):
         return [SimpleNamespace(modality=m, task=task, id=f"{m}-{task}-{i}") for i in range(n)]
 
     sets = {m: ModalitySets(items(m, "caption", 40), [], items(m, "qa", 60), []) for m in ("image", "video", "audio")}
-    ctx = SimpleNamespace(runner=SimpleNamespace(sets=sets), seen=["image", "video", "audio"], seed=3, log={})
-    extra = Replay(0.1).instruct_extra_data(ctx)
+    model = SimpleNamespace(connector_parameters=lambda m: [])
+    ctx = SimpleNamespace(data=lambda m: sets[m].train, seen=["image", "video", "audio"], seed=3, log={}, model=model)
+
+    def replayed():
+        step = SimpleNamespace(data=[], groups=[])
+        Replay(ReplayParams(ratio=0.1)).prepare_instruct(ctx, step)
+        return step.data
+
+    extra = replayed()
     assert len(extra) == 20 and {s.modality for s in extra} == {"image", "video"}
     assert {s.task for s in extra} == {"caption", "qa"}  # mixed
     assert len({s.id for s in extra}) == 20 and ctx.log["replay"]["samples"] == 20
-    assert [s.id for s in Replay(0.1).instruct_extra_data(ctx)] == [s.id for s in extra]  # seeded
-    realign = Realign(0.05).replay_set(ctx)
+    assert [s.id for s in replayed()] == [s.id for s in extra]  # seeded
+    realign = Realign(RealignParams(ratio=0.05)).replay_set(ctx)
     assert len(realign) == 15 and {s.modality for s in realign} == {"image", "video", "audio"}

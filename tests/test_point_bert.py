@@ -8,8 +8,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from mera.config.registry import lookup
 from mera.errors import CheckpointError, ConfigError, DataError
-from mera.model.encoders.base import ENCODER_FAMILIES, load_encoder
+from mera.model.encoders.base import load_encoder
 from mera.model.encoders.point_bert import (
     PointBertConfig,
     PointBertEncoder,
@@ -219,7 +220,7 @@ def test_checkpoint_loads_strictly_through_the_family(tmp_path):
     path = tmp_path / "point_bert_v1.2.pt"
     torch.save({"epoch": 3, "state_dict": state, "args": argparse.Namespace(lr=1e-3, model="ULIP2")}, path)
     enc = load_encoder("point_bert", str(path), num_points=TINY_POINTS, **TINY)
-    assert ENCODER_FAMILIES["point_bert"] is load_point_bert and isinstance(enc, PointBertEncoder)
+    assert lookup("encoder", "point_bert").obj is load_point_bert and isinstance(enc, PointBertEncoder)
     assert not any(p.requires_grad for p in enc.parameters()) and not enc.training
     for k, v in src.state_dict().items():
         assert torch.equal(enc.state_dict()[k], v), k
@@ -268,7 +269,7 @@ def test_checkpoint_errors(tmp_path):
 
     with pytest.raises(CheckpointError, match="not found"):
         load_encoder("point_bert", str(tmp_path / "absent.pt"), num_points=TINY_POINTS, **TINY)
-    with pytest.raises(ConfigError, match="unknown options"):
+    with pytest.raises(ConfigError, match=r"encoder 'point_bert' options: heads: unknown key.*num_heads"):
         load_encoder("point_bert", str(tmp_path / "small.pt"), num_points=TINY_POINTS, heads=4)
 
 

@@ -15,6 +15,7 @@ from mera.eval.report import _stage_means, render_markdown, report_command, slug
 
 FIXTURE = Path(__file__).parent / "data" / "paper_sequential_scores.csv"
 from hand_tables import HAND, HEADER, PAPER_TABLE2, write  # noqa: E402
+
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
 # Hand table (same as in test_metrics). Experts: image MSCOCO 100, image VQA 0.5, video V 50, audio A 10.

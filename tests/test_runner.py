@@ -10,13 +10,16 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
+from micro import micro_config  # noqa: E402
 
 from mera.config import load_config
 from mera.continual import checkpoint as ckpt
-from mera.continual.runner import Runner
+from mera.continual.assets import load_assets
+from mera.continual.loop import StageLoop
+from mera.continual.run_config import RunConfig
+from mera.continual.rundir import RunDir
+from mera.continual.stages import load_stage
 from mera.errors import ConfigError, MeraError
-from mera.run_config import RunConfig
-from micro import micro_config  # noqa: E402
 
 pytestmark = pytest.mark.slow
 
@@ -29,7 +32,7 @@ def micro_run(micro_assets, tmp_path_factory):
     cfg_path = micro_config(micro_assets, tmp)
     cfg = load_config(cfg_path, [], RunConfig)
     out = tmp / "out"
-    Runner(cfg, out, config_dir=tmp, progress=False, log=lambda m: None).run()
+    StageLoop(cfg, out, config_dir=tmp, progress=False, log=lambda m: None).run()
     yield cfg_path, cfg, out
     mp.undo()
 
@@ -63,8 +66,8 @@ def test_merge_coefficients_and_no_llm_copy(micro_run):
     _, _, out = micro_run
     ft = ckpt.read_manifest(out / "sequential/fine-tuning/stage_2_point")
     mera = ckpt.read_manifest(out / "sequential/mera-10/stage_2_point")
-    assert ft["deltas"][0]["coef"] == 1.0
-    assert mera["deltas"][0]["coef"] == 0.5  # CMA at stage 2: W_1 + dW_2 / 2
+    assert ft["folds"][0]["coef"] == 1.0
+    assert mera["folds"][0]["coef"] == 0.5  # CMA at stage 2: W_1 + dW_2 / 2
     # R_2 = 10% of D_1 and of D_2 (captions + QA: 32 + 64 = 96 each -> 10 each)
     assert mera["log"]["realign"]["samples"] == 20
     assert "realign" not in ft["log"]
@@ -74,7 +77,7 @@ def test_merge_coefficients_and_no_llm_copy(micro_run):
 
     llm = AutoModelForCausalLM.from_pretrained(micro_run[1].model.llm)
     linear = {n: m.weight.shape for n, m in llm.named_modules() if isinstance(m, torch.nn.Linear) and n != "lm_head"}
-    lora = load_file(str(out / "sequential/mera-10/stage_2_point/lora.safetensors"))
+    lora = load_file(str(out / "sequential/mera-10/stage_2_point/delta.safetensors"))
     assert len(lora) == 2 * len(linear)
     for name, (o, i) in linear.items():
         assert lora[f"{name}.lora_A"].shape == (4, i) and lora[f"{name}.lora_B"].shape == (o, 4)
@@ -95,7 +98,7 @@ def test_realign_changed_old_connector_but_finetune_did_not(micro_run):
 def test_replay_mixes_old_data_and_trains_old_connectors(micro_run):
     _, _, out = micro_run
     m = ckpt.read_manifest(out / "sequential/replay-10/stage_2_point")
-    assert m["deltas"][0]["coef"] == 1.0
+    assert m["folds"][0]["coef"] == 1.0
     assert m["log"]["replay"]["samples"] == 10  # 10% of the image set's 96 training samples
     assert "realign" not in m["log"]
     exp = ckpt.load_connectors(out / "experts/image")["image"]
@@ -107,23 +110,21 @@ def test_ewc_continues_the_adapter_and_saves_fisher(micro_run):
     from safetensors.torch import load_file
     from transformers import AutoModelForCausalLM
 
-    from mera.train.lora import fold_lora
-
     _, cfg, out = micro_run
     folder = out / "sequential/ewc/stage_2_point"
     m = ckpt.read_manifest(folder)
     # the expert's adapter is taken out of the weights (-1) and continued; its result folded (+1)
-    assert [d["coef"] for d in m["deltas"]] == [-1.0, 1.0]
+    assert [d["coef"] for d in m["folds"]] == [-1.0, 1.0]
     assert m["log"]["ewc"]["fisher_samples_image"] == 5 and m["log"]["ewc"]["fisher_samples_point"] == 5
     fisher = load_file(str(folder / "strategy.safetensors"))
-    lora = load_file(str(folder / "lora_1.safetensors"))
+    lora = load_file(str(folder / "delta.safetensors"))  # the trained (continued) adapter
     assert len(fisher) == len(lora)  # one Fisher tensor per LoRA matrix
     assert all((f >= 0).all() for f in fisher.values()) and any((f > 0).any() for f in fisher.values())
     # so the LLM is the base plus the continued adapter alone
     base = AutoModelForCausalLM.from_pretrained(cfg.model.llm)
     ref = AutoModelForCausalLM.from_pretrained(cfg.model.llm)
     ckpt.apply_stage_llm(base, folder)
-    fold_lora(ref, ckpt.load_deltas(folder)[1][0], 1.0)
+    ckpt.load_folds(folder)[1][0].fold(ref, 1.0)
     sd, rsd = base.state_dict(), ref.state_dict()
     assert max((sd[k] - rsd[k]).abs().max().item() for k in sd) < 1e-5
 
@@ -147,7 +148,7 @@ def test_pathweave_keeps_the_expert_adapter_and_its_modules(micro_run):
     folder = out / "sequential/pathweave/stage_2_point"
     m = ckpt.read_manifest(folder)
     # the expert's adapter is taken out of the weights: the LLM under the adapters is the base LLM
-    assert [d["coef"] for d in m["deltas"]] == [-1.0]
+    assert [d["coef"] for d in m["folds"]] == [-1.0]
     base = AutoModelForCausalLM.from_pretrained(cfg.model.llm)
     rebuilt = AutoModelForCausalLM.from_pretrained(cfg.model.llm)
     ckpt.apply_stage_llm(rebuilt, folder)
@@ -158,7 +159,7 @@ def test_pathweave_keeps_the_expert_adapter_and_its_modules(micro_run):
     linear = [n for n, mod in base.named_modules() if isinstance(mod, torch.nn.Linear) and n != "lm_head"]
     assert layout["modules"] == sorted(linear)
     # adapter 0 is the image expert's LoRA, unchanged by the point stage's training
-    expert = ckpt.load_deltas(out / "experts/image")[0][0]
+    expert = ckpt.load_folds(out / "experts/image")[0][0].modules
     state = load_file(str(folder / "strategy.safetensors"))
     for name in linear:
         assert torch.equal(state[f"pathweave.{name}.down.0.weight"], expert[name]["A"])
@@ -170,17 +171,16 @@ def test_pathweave_keeps_the_expert_adapter_and_its_modules(micro_run):
 
 
 def test_realign_changes_only_connector_weights(micro_run):
-    from mera.continual.strategies import StageContext
-    from mera.continual.strategies.realign import Realign
+    from mera.config import registry
+    from mera.continual.training import make_context
 
     cfg_path, cfg, out = micro_run
-    runner = Runner(cfg, out, config_dir=cfg_path.parent, resume=True, progress=False, log=lambda m: None)
-    runner.setup()
-    model = runner.load_stage(out / "sequential/fine-tuning/stage_2_point")
+    assets = load_assets(cfg, cfg_path.parent, judge=False)
+    model = load_stage(assets, out / "sequential/fine-tuning/stage_2_point")
     before = {k: v.clone() for k, v in model.state_dict().items()}
-    ctx = StageContext(runner, model, order="sequential", method="x", stage=2, modality="point",
-                       seen=["image", "point"], seed=3)
-    Realign(0.1).after_stage(ctx)
+    ctx = make_context(assets, model, order="sequential", method="x", stage=2, modality="point",
+                       seen=["image", "point"], seed=3, parent=None, steps_dir=None, progress=False)
+    registry.build("strategy", "realign", {"ratio": 0.1}).after_stage(ctx)
     after = model.state_dict()
     changed = {k for k in before if not torch.equal(before[k], after[k])}
     assert changed and all(k.startswith("branches.") and k.split(".")[2] == "connector" for k in changed)
@@ -190,18 +190,17 @@ def test_realign_changes_only_connector_weights(micro_run):
 
 def test_loaded_stage_reproduces_its_predictions(micro_run):
     cfg_path, cfg, out = micro_run
-    runner = Runner(cfg, out, config_dir=cfg_path.parent, resume=True, progress=False, log=lambda m: None)
-    runner.setup()
+    assets = load_assets(cfg, cfg_path.parent, judge=False)
     from mera.eval.evaluate import generate_answers
 
     for stage in ("sequential/fine-tuning/stage_2_point", "sequential/mera-10/stage_2_point",
                   "sequential/ewc/stage_2_point", "sequential/pathweave/stage_2_point"):
         folder = out / stage
-        model = runner.load_stage(folder)
+        model = load_stage(assets, folder)
         saved = [json.loads(l) for l in (folder / "predictions.jsonl").read_text().splitlines()]
         for m in ("image", "point"):
-            samples = runner.sets[m].caption_test + runner.sets[m].qa_test
-            preds = generate_answers(model, runner.tokenizer, samples, runner.provider, 8, 12, progress=False)
+            samples = assets.sets[m].caption_test + assets.sets[m].qa_test
+            preds = generate_answers(model, assets.tokenizer, samples, assets.provider, 8, 12, progress=False)
             want = [p["prediction"] for p in saved if p["modality"] == m]
             assert preds == want, stage
 
@@ -217,7 +216,7 @@ def test_resume_after_crash_gives_identical_scores(micro_run, tmp_path, monkeypa
     (st / "connectors.safetensors").write_bytes(b"garbage")
     (copy / "experts/point/DONE").unlink()
     (copy / "scores.csv").unlink()
-    Runner(cfg, copy, config_dir=cfg_path.parent, resume=True, progress=False, log=lambda m: None).run()
+    StageLoop(cfg, copy, config_dir=cfg_path.parent, resume=True, progress=False, log=lambda m: None).run()
     assert (copy / "scores.csv").read_bytes() == (out / "scores.csv").read_bytes()
 
 
@@ -225,10 +224,10 @@ def test_resume_refuses_a_changed_config_and_existing_dir_needs_resume(micro_run
     cfg_path, cfg, out = micro_run
     changed = load_config(cfg_path, ["train.instruct.lr_lora=0.1", "eval.max_new_tokens=5"], RunConfig)
     with pytest.raises(ConfigError) as e:
-        Runner(changed, out, config_dir=cfg_path.parent, resume=True, progress=False).prepare_dir()
+        RunDir(out, changed).prepare(resume=True)
     assert "train.instruct.lr_lora" in str(e.value) and "eval.max_new_tokens" in str(e.value)
     with pytest.raises(MeraError, match="--resume"):
-        Runner(cfg, out, config_dir=cfg_path.parent, resume=False, progress=False).prepare_dir()
+        RunDir(out, cfg).prepare(resume=False)
 
 
 def test_dry_run_lists_experts_and_stages(micro_run, tmp_path):
@@ -278,7 +277,7 @@ def test_parallel_workers_give_the_same_scores(micro_run, tmp_path):
     """Experts, then (order, method) chains, in 2 spawned processes of 1 thread each."""
     cfg_path, cfg, out = micro_run
     par = tmp_path / "par"
-    Runner(cfg, par, config_dir=cfg_path.parent, progress=False, log=lambda m: None, workers=2).run()
+    StageLoop(cfg, par, config_dir=cfg_path.parent, progress=False, log=lambda m: None, workers=2).run()
     assert (par / "scores.csv").read_text() == (out / "scores.csv").read_text()
     assert json.loads((par / "efficiency.json").read_text()).keys() == json.loads((out / "efficiency.json").read_text()).keys()
 
@@ -299,7 +298,7 @@ def test_paper_grid_dry_run_lists_exactly_the_grid(tmp_path):
     lines = [l.split() for l in r.stdout.splitlines() if l.startswith("  ") and "stage_" in l]
     listed = sorted(l[-1] for l in lines)
     want = sorted(f"{o}/{slug}/stage_{i}_{m}" for o, order in cfg.orders.items()
-                  for slug in (Runner(cfg, tmp_path).stage_dir(o, meth, 1, order[0]).parent.name
+                  for slug in (RunDir(tmp_path, cfg).stage_dir(o, meth, 1, order[0]).parent.name
                                for meth in cfg.methods)
                   for i, m in enumerate(order, 1))
     assert listed == want and len(listed) == 104
@@ -308,7 +307,7 @@ def test_paper_grid_dry_run_lists_exactly_the_grid(tmp_path):
 
 
 def test_profile_command_refreshes_the_efficiency_table(micro_run, tmp_path):
-    from mera.eval.profile_run import profile_run
+    from mera.continual.profile_run import profile_run
 
     cfg_path, cfg, out = micro_run
     copy = tmp_path / "copy"
@@ -324,18 +323,19 @@ def test_profile_command_refreshes_the_efficiency_table(micro_run, tmp_path):
 
 
 def test_gradient_checkpointing_gives_the_same_training(micro_run):
-    from mera.run_config import PhaseConfig
+    from mera.continual.run_config import PhaseConfig
 
     cfg_path, cfg, out = micro_run
     results = []
+    from mera.continual.training import run_phase
+
     for gc in (False, True):
-        c = cfg.model_copy(update={"train": cfg.train.model_copy(update={"gradient_checkpointing": gc})})
-        runner = Runner(c, out, config_dir=cfg_path.parent, resume=True, progress=False, log=lambda m: None)
-        runner.setup(judge=False)
-        model = runner.load_stage(out / "sequential/fine-tuning/stage_2_point")
-        res = runner._phase(model, [{"params": model.connector_parameters(), "lr": 1e-3}],
-                            runner.sets["image"].train[:12], PhaseConfig(batch_size=4, epochs=1), seed=1,
-                            desc="gc realign")
+        c = cfg.model_copy(update={"train": cfg.train.model_copy(update={
+            "gradient_checkpointing": gc, "realign": PhaseConfig(batch_size=4, epochs=1)})})
+        assets = load_assets(c, cfg_path.parent, judge=False)
+        model = load_stage(assets, out / "sequential/fine-tuning/stage_2_point")
+        res = run_phase(assets, model, [{"params": model.connector_parameters(), "lr": 1e-3}],
+                        assets.sets["image"].train[:12], "realign", seed=1, desc="gc realign")
         assert not model.llm.is_gradient_checkpointing  # switched off again after the phase
         results.append((res.losses, [p.detach().clone() for p in model.connector_parameters()]))
     (l0, p0), (l1, p1) = results
@@ -348,5 +348,47 @@ def test_a_failing_worker_stops_the_parallel_run_with_its_error(micro_run, tmp_p
     bad = cfg.model_copy(update={"train": cfg.train.model_copy(update={
         "instruct": cfg.train.instruct.model_copy(update={"lr_lora": 1e30})})})
     with pytest.raises(MeraError, match="instruct: the training loss is nan"):
-        Runner(bad, tmp_path / "w", config_dir=cfg_path.parent, progress=False, log=lambda m: None, workers=2).run()
+        StageLoop(bad, tmp_path / "w", config_dir=cfg_path.parent, progress=False, log=lambda m: None,
+                  workers=2).run()
     assert not list((tmp_path / "w").rglob("DONE"))  # nothing half-done is marked finished
+
+
+def _to_version_1(run: Path, methods: list[dict]) -> None:
+    """Rewrite a run directory as the first release wrote it: v1 manifests (LoRA files named
+    lora*.safetensors, all listed under "deltas") and a config.yaml in the first release's form."""
+    for manifest in run.rglob("manifest.json"):
+        folder = manifest.parent
+        m = json.loads(manifest.read_text())
+        entries = []
+        for k, e in enumerate(m.pop("folds")):
+            name = "lora.safetensors" if k == 0 else f"lora_{k}.safetensors"
+            data = (folder / e["file"]).read_bytes()
+            entries.append({"file": name, "coef": e["coef"], "scalings": e["scalings"]})
+            (folder / name).write_bytes(data)
+        for f in folder.glob("*.safetensors"):
+            if f.name.startswith(("delta", "fold_")):
+                f.unlink()
+        m.pop("trained")
+        manifest.write_text(json.dumps({**m, "format": "mera-stage-v1", "deltas": entries}, indent=2))
+    cfg = yaml.safe_load((run / "config.yaml").read_text())
+    cfg["methods"] = methods
+    (run / "config.yaml").write_text(yaml.safe_dump(cfg, sort_keys=False))
+
+
+def test_a_first_release_run_directory_is_resumed_to_the_same_scores(micro_run, tmp_path, monkeypatch):
+    """v1 manifests are read (EWC continues the v1 adapter, PathWeave takes the v1 expert's) and a
+    config.yaml in the first release's form resumes: the redone stages score exactly the same."""
+    from micro import METHODS
+
+    cfg_path, cfg, out = micro_run
+    monkeypatch.setenv("MERA_HOME", str(out.parent / "home"))
+    old = tmp_path / "v1"
+    shutil.copytree(out, old)
+    _to_version_1(old, METHODS)
+    assert ckpt.read_manifest(old / "experts/image")["format"] == "mera-stage-v1"
+    for method in ("mera-10", "ewc", "pathweave"):
+        shutil.rmtree(old / f"sequential/{method}/stage_2_point")
+    (old / "scores.csv").unlink()
+    StageLoop(cfg, old, config_dir=cfg_path.parent, resume=True, progress=False, log=lambda m: None).run()
+    assert (old / "scores.csv").read_bytes() == (out / "scores.csv").read_bytes()
+    assert ckpt.read_manifest(old / "sequential/ewc/stage_2_point")["format"] == "mera-stage-v2"

@@ -12,6 +12,7 @@ from mera.data.media import AudioClip
 from mera.errors import CheckpointError, ConfigError
 from mera.model.encoders import toy
 from mera.model.encoders.base import load_encoder
+from mera.zoo import encoders as zoo_encoders
 
 torch.set_num_threads(2)
 
@@ -76,7 +77,7 @@ def test_farthest_point_sampling_spreads_out():
 
 
 def test_pretraining_learns_saves_and_loads(tmp_path):
-    summary = toy.pretrain_toy_encoders(tmp_path, tw.ToyWorldConfig(), seed=0, progress=False, recipes=TEST_RECIPES)
+    summary = zoo_encoders.pretrain_toy_encoders(tmp_path, tw.ToyWorldConfig(), seed=0, progress=False, recipes=TEST_RECIPES)
     assert set(summary) == {"image", "audio", "point"}
     acc = {m: summary[m]["aux_accuracy"] for m in summary}
     chance = {m: summary[m]["chance"] for m in summary}
@@ -111,10 +112,10 @@ def test_training_is_deterministic_and_leaves_global_rng_alone():
     rec = (96, 2, 32, 3e-3)
     torch.manual_seed(123)
     before = torch.random.get_rng_state()
-    a, acc_a, _ = toy.train_toy_encoder("point", seed=0, recipe=rec)
+    a, acc_a, _ = zoo_encoders.train_toy_encoder("point", seed=0, recipe=rec)
     assert torch.equal(torch.random.get_rng_state(), before)
-    b, acc_b, _ = toy.train_toy_encoder("point", seed=0, recipe=rec)
-    c, _, _ = toy.train_toy_encoder("point", seed=1, recipe=rec)
+    b, acc_b, _ = zoo_encoders.train_toy_encoder("point", seed=0, recipe=rec)
+    c, _, _ = zoo_encoders.train_toy_encoder("point", seed=1, recipe=rec)
     sa, sb, sc = a.state_dict(), b.state_dict(), c.state_dict()
     assert all(torch.equal(sa[k], sb[k]) for k in sa) and acc_a == acc_b
     assert not all(torch.equal(sa[k], sc[k]) for k in sa)
@@ -143,3 +144,48 @@ def test_loader_errors_name_the_file(tmp_path):
     (tmp_path / "b" / "config.json").write_text("{broken")
     with pytest.raises(CheckpointError, match=r"b/config\.json: unreadable"):
         load_encoder("toy_audio", str(tmp_path / "b"))
+
+
+def test_every_family_registers_its_options_with_the_loaders_defaults():
+    """Each family's parameter model declares exactly the options its loader takes, same defaults."""
+    import dataclasses
+    import inspect
+
+    from mera.config.registry import lookup, names
+    from mera.model.encoders.point_bert import PointBertConfig
+
+    assert names("encoder") == ["beats", "hf_ast", "hf_clip", "hf_clip_video", "point_bert",
+                                "toy_audio", "toy_image", "toy_point", "toy_video"]
+    for family in names("encoder"):
+        entry = lookup("encoder", family)
+        sig = dict(inspect.signature(entry.obj).parameters)
+        assert list(sig)[0] == "path"
+        declared = {k: p.default for k, p in list(sig.items())[1:] if p.kind is not p.VAR_KEYWORD}
+        if family.startswith("toy_"):  # **options: the constructor's (the image encoder's for video)
+            cls = toy.ToyImageEncoder if family == "toy_video" else toy._CLASSES[family]
+            declared |= {k: p.default for k, p in inspect.signature(cls.__init__).parameters.items() if k != "self"}
+        if family == "point_bert":  # **overrides: the sizes of PointBertConfig
+            declared |= {f.name: f.default for f in dataclasses.fields(PointBertConfig)}
+        model = {k: f.default for k, f in entry.params.model_fields.items()}
+        assert model == declared, family
+
+
+def test_check_encoder_options():
+    from mera.model.encoders.base import check_encoder_options
+
+    check_encoder_options("toy_video", {"frames": 2})
+    check_encoder_options("point_bert", {"num_points": 1024, "trans_dim": 384})
+    check_encoder_options("beats", {"max_seconds": 5, "pad": "repeat"})
+    for family, opts, match in [
+        ("toy_imgae", {}, "unknown encoder family 'toy_imgae'; did you mean 'toy_image'"),
+        ("hf_clip", {"featur_layer": 1}, r"encoder 'hf_clip' options: featur_layer: unknown key \(did you mean "
+                                        r"'feature_layer'"),
+        ("hf_clip_video", {"frames": "four"}, r"encoder 'hf_clip_video' options: frames: .*valid integer"),
+        ("beats", {"pad": "edge"}, r"encoder 'beats' options: pad: "),
+    ]:
+        with pytest.raises(ValueError, match=match):
+            check_encoder_options(family, opts)
+    with pytest.raises(ConfigError, match="unknown encoder family 'nope'; known: beats, hf_ast"):
+        load_encoder("nope")
+    with pytest.raises(ConfigError, match=r"encoder 'toy_image' options: widht: unknown key"):
+        load_encoder("toy_image", widht=8)

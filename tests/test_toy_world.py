@@ -6,11 +6,13 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from pydantic import ValidationError
 
 from mera import MODALITIES, PLACEHOLDERS
 from mera.data import toy_world as tw
 from mera.data.format import load_dataset
 from mera.data.media import AudioClip, read_media
+from mera.errors import ConfigError
 
 SMALL = dict(n_train_caption=12, n_train_qa=12, n_test_caption=6, n_test_qa=6)
 
@@ -240,7 +242,7 @@ def test_text_instructions_teach_describe_and_colour_shape_only():
     assert 200 < len(describe) < 400
     nouns = {p[0].split()[2] for p in describe}
     assert nouns == {"image", "video", "sound", "object"}
-    for prompt, answer in pairs:
+    for prompt, _answer in pairs:
         assert not any(ph in prompt for ph in PLACEHOLDERS.values())
     forbidden = {q.format(shape=sh, colour=c) for m in MODALITIES for qt, q in tw.QUESTIONS[m].items()
                  if qt not in tw.TEXT_QUESTION_TYPES for sh in tw.SHAPES_2D for c in tw.COLOURS}
@@ -267,11 +269,11 @@ def test_text_instructions_teach_describe_and_colour_shape_only():
 def test_attribute_heads_and_config():
     assert tw.attribute_heads("audio") == {"count": 4, "pitch": 3, "timbre": 4}
     assert tw.attribute_heads("image")["x_1"] == 8
-    with pytest.raises(Exception):
+    with pytest.raises(ConfigError, match="smell"):
         tw.attribute_heads("smell")
-    with pytest.raises(Exception):
+    with pytest.raises(ValidationError, match="n_train_qa"):
         tw.ToyWorldConfig(n_train_qa=0)
-    with pytest.raises(Exception):
+    with pytest.raises(ValidationError, match="unknown"):
         tw.ToyWorldConfig(unknown=1)
     assert tw.config_hash(tw.ToyWorldConfig()) == tw.config_hash(tw.ToyWorldConfig())
     assert tw.config_hash(tw.ToyWorldConfig()) != tw.config_hash(tw.ToyWorldConfig(image_noise=0.1))

@@ -6,9 +6,10 @@ import torch
 import torch.nn.functional as F
 
 import mera.data.video as video
+from mera.config.registry import lookup
 from mera.data.video import read_video_frames, sample_indices, write_video_file
 from mera.errors import DataError
-from mera.model.encoders.base import ENCODER_FAMILIES, load_encoder
+from mera.model.encoders.base import load_encoder
 
 
 def _codec():
@@ -132,7 +133,7 @@ def test_clip_video_tokens_are_pooled_penultimate_features(tmp_path):
 
     path = _tiny_clip(tmp_path)
     enc = load_encoder("hf_clip_video", str(path))
-    assert ENCODER_FAMILIES["hf_clip_video"].__module__ == "mera.model.encoders.clip_video"
+    assert lookup("encoder", "hf_clip_video").obj.__module__ == "mera.model.encoders.clip_video"
     assert enc.num_tokens == 4 * 2 * 2 and enc.output_dim == 32
     rng = np.random.default_rng(0)
     clip = rng.integers(0, 256, size=(6, 20, 30, 3), dtype=np.uint8)

@@ -16,7 +16,8 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from mera.errors import MeraError
-from mera.zoo.lm import IGNORE_INDEX, LMConfig, encode_pair, pretrain_lm, sha256_file
+from mera.io import sha256_file
+from mera.zoo.lm import IGNORE_INDEX, LMConfig, encode_pair, pretrain_lm
 from mera.zoo.tokenizer import build_tokenizer
 
 torch.set_num_threads(2)
@@ -201,9 +202,9 @@ def zoo_env(zb, monkeypatch, tmp_path):
     monkeypatch.setenv("MERA_HOME", str(tmp_path / "home"))
     monkeypatch.setattr(toy_world, "vocabulary", lambda *a, **k: list(WORDS))
     monkeypatch.setattr(toy_world, "text_instructions", lambda n, seed=0, *a, **k: tiny_pairs()[:n])
-    fake = types.ModuleType("mera.model.encoders.toy")
+    fake = types.ModuleType("mera.zoo.encoders")
     fake.pretrain_toy_encoders = FakeEncoders()
-    monkeypatch.setitem(sys.modules, "mera.model.encoders.toy", fake)
+    monkeypatch.setitem(sys.modules, "mera.zoo.encoders", fake)
     monkeypatch.setattr(zb, "_cores", lambda: 1)  # the fake encoders live in this process: no second one
     cfg = zb.ZooConfig(lm=LMConfig(**{**TINY_LM, "steps": 3, "n_eval": 10}), n_text_pairs=200)
     return cfg, fake, tmp_path / "home"

@@ -7,10 +7,9 @@ Errors name the file, the field and what was expected; unknown keys are errors.
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Any, TypeVar
-
-import re
 
 import yaml
 from pydantic import BaseModel, ValidationError

@@ -122,12 +122,14 @@ def load_assets(cfg, config_dir: str | Path, *, cache_dir: str | Path | None = N
                 judge: bool = True, progress: bool = False, threads: int | None = None) -> Assets:
     """Resolve paths, build the toy zoo if needed, load the tokenizer and the encoders, and (unless
     ``data`` / ``judge`` is False, e.g. only to load stages) the data sets and the judge.
-    ``cache_dir``: where a disk feature cache lives (``<run>/.features``)."""
+    ``cache_dir``: where a disk feature cache lives (``<run>/.features``); ``threads``: torch's CPU
+    threads (None: the config's ``threads``; 0: leave them as they are)."""
     from transformers import AutoTokenizer
 
     from mera.data.pipeline import FeatureProvider
     from mera.model.encoders.base import load_encoder
 
+    threads = cfg.threads if threads is None else threads
     if threads:
         torch.set_num_threads(threads)
     a = Assets(cfg, Path(config_dir), device=dist.device())
@@ -173,7 +175,7 @@ def _load_data(a: Assets, set_paths: dict) -> None:
     cfg = a.cfg
     if cfg.data.toy is not None:
         from mera.data.toy_world import ToyWorldConfig, write_world
-        from mera.zoo.build import zoo_home
+        from mera.paths import zoo_home
 
         wcfg = validate(cfg.data.toy, ToyWorldConfig, "config section 'data.toy'")
         h = hashlib.sha256(wcfg.model_dump_json().encode()).hexdigest()[:12]
@@ -184,7 +186,7 @@ def _load_data(a: Assets, set_paths: dict) -> None:
                 set_paths[m] = {"caption_train": p["caption"]["train"], "caption_test": p["caption"]["test"],
                                 "qa_train": p["qa"]["train"], "qa_test": p["qa"]["test"]}
                 a.set_names[m] = (f"toy-{m}-caption", f"toy-{m}-qa")
-    for m, p in set_paths.items():
+    for p in set_paths.values():
         for k in ("caption_train", "caption_test", "qa_train", "qa_test"):
             p[k] = a.resolve(p[k])
         p.pop("caption_name", None)

@@ -34,9 +34,9 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
+from mera.continual.deltas import Delta
 from mera.errors import CheckpointError
 from mera.io import atomic_path, write_json, write_text
-from mera.continual.deltas import Delta
 
 MANIFEST = "manifest.json"
 FORMAT = "mera-stage-v2"

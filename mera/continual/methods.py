@@ -23,6 +23,7 @@ from pydantic import Field, field_validator, model_validator
 
 from mera.config import registry
 from mera.config.base import StrictModel
+from mera.errors import ConfigError
 
 # legacy key -> [(plug-in, parameter)] it sets when the plug-in is in the list
 LEGACY = {
@@ -90,7 +91,7 @@ class MethodConfig(StrictModel):
 
     @model_validator(mode="after")
     def _resolve(self):
-        items = [dict(x) for x in self.strategies]
+        items = [{"name": x} if isinstance(x, str) else dict(x) for x in self.strategies]
         # the shorthands fill in parameters of the plug-ins present (an explicit one wins)
         for key in ("replay_ratio", "realign_ratio", "ewc_lambda", "fisher_ratio", "pathweave_in_rank"):
             value = getattr(self, key)
@@ -105,7 +106,10 @@ class MethodConfig(StrictModel):
         for it in items:
             entry = resolve(it["name"])
             opts = {k: v for k, v in it.items() if k != "name"}
-            params = registry.parse_params(entry, opts, f"method {self.name!r}")
+            try:
+                params = registry.parse_params(entry, opts, f"method {self.name!r}")
+            except ConfigError as e:  # raised as a ValueError, pydantic names the file and methods.<i>
+                raise ValueError(str(e)) from None
             resolved.append({"name": entry.name, **(params.model_dump() if params is not None else {})})
         check_combination(self.name, resolved)
         object.__setattr__(self, "strategies", resolved)  # no re-validation loop (validate_assignment)

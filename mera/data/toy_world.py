@@ -625,7 +625,7 @@ def vocabulary() -> list[str]:
     """Every word that any prompt, answer, reference or text instruction can contain (sorted)."""
     texts: list[str] = list(CAPTION_PROMPTS.values())
     texts += [q for qs in QUESTIONS.values() for q in qs.values()]
-    for m, ts in TEMPLATES.items():
+    for ts in TEMPLATES.values():
         for t in ts:
             texts += list(t) if isinstance(t, tuple) else [t]
     texts += [f"describe the {w} : , ;" for w in NOUNS.values()]  # text instructions

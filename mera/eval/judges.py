@@ -13,6 +13,9 @@ import re
 from dataclasses import dataclass
 from typing import Callable, Protocol, Sequence, runtime_checkable
 
+from pydantic import BaseModel
+
+from mera.config.registry import lookup, names, register
 from mera.errors import ConfigError, DataError
 
 
@@ -61,6 +64,7 @@ def normalize_answer(text: str) -> str:
     return " ".join(kept if kept else tokens)
 
 
+@register("judge", "exact_match")
 class ExactMatchJudge:
     """1.0 if the normalised prediction equals any normalised acceptable answer, else 0.0."""
 
@@ -78,46 +82,80 @@ class ExactMatchJudge:
 
 
 # ----------------------------------------------------------------------------- registry
-
-JUDGES: dict[str, Callable[..., Judge]] = {}
-
-
-def register_judge(name: str, factory: Callable[..., Judge]) -> None:
-    """Make ``get_judge(name, **opts)`` return ``factory(**opts)``."""
-    JUDGES[name] = factory
-
-
-def _exact_match(**opts) -> Judge:
-    if opts:
-        raise ConfigError(f"judge 'exact_match' takes no options, got {', '.join(sorted(opts))}")
-    return ExactMatchJudge()
+#
+# Judges are plug-ins of kind "judge" in mera.config.registry. A built-in judge registers a
+# factory ``factory(params)`` (``factory()`` when it takes no options) with the pydantic model of
+# its options, next to its code: ``exact_match`` below, ``openai`` and ``local_llm`` in
+# mera.eval.llm_judge (imported at the end of this module, so that they register too; it imports
+# neither openai nor torch until a judge is built). A judge added with :func:`register_judge` is
+# called as ``factory(**opts)``; its options are checked at config-load time only when it gives a
+# parameter model.
 
 
-register_judge("exact_match", _exact_match)
+def register_judge(name: str, factory: Callable[..., Judge], params: type[BaseModel] | None = None) -> None:
+    """Make ``get_judge(name, **opts)`` return ``factory(**opts)`` (``opts`` validated by ``params``
+    first, when given: ``factory(**<the options given, as the model read them>)``)."""
+    register("judge", name, params, kwargs=True)(factory)
 
 
-def _llm_judge(cls_name: str) -> Callable[..., Judge]:
-    """A factory importing :mod:`mera.eval.llm_judge` (openai, torch) only when used."""
-
-    def factory(**opts) -> Judge:
-        from mera.eval import llm_judge
-
-        return getattr(llm_judge, cls_name)(**opts)
-
-    return factory
+def _entry(name: str):
+    try:
+        return lookup("judge", name)
+    except ConfigError:
+        raise ConfigError(f"unknown judge {name!r}; known judges: {', '.join(names('judge'))}") from None
 
 
-register_judge("openai", _llm_judge("OpenAIJudge"))  # an OpenAI-compatible endpoint
-register_judge("local_llm", _llm_judge("LocalLLMJudge"))  # a local HF causal LM
+def _params(entry, opts: dict) -> BaseModel | None:
+    """``opts`` validated against the judge's parameter model; ValueError naming the judge and option.
+
+    Values are never echoed for unknown options (one might be a misplaced secret).
+    """
+    from pydantic import ValidationError
+
+    if entry.params is None:
+        if opts and not entry.info.get("kwargs"):
+            raise ValueError(f"judge {entry.name!r} takes no options, got {', '.join(sorted(opts))}")
+        return None
+    try:
+        return entry.params.model_validate(opts)
+    except ValidationError as e:
+        errors = e.errors()
+        unknown = sorted(str(err["loc"][-1]) for err in errors if err["type"] == "extra_forbidden")
+        if unknown:
+            raise ValueError(f"judge {entry.name!r}: unknown option(s) {', '.join(unknown)} "
+                             f"(known: {', '.join(entry.params.model_fields)})") from None
+        parts = []
+        for err in errors:
+            loc = ".".join(str(x) for x in err["loc"])
+            msg = err["msg"].removeprefix("Value error, ")
+            if err["type"] == "value_error":
+                parts.append(msg)  # our validators name the option themselves
+            else:
+                parts.append(f"{loc}: {msg}" if loc else msg)
+        raise ValueError(f"judge {entry.name!r}: " + "; ".join(parts)) from None
+
+
+def check_judge_options(name: str, options: dict) -> None:
+    """Raise ValueError (naming the judge and the option) unless ``name`` is a registered judge and
+    ``options`` are valid options of it. Config-load time: contacts no server, reads no environment
+    variable, loads no model."""
+    try:
+        entry = _entry(name)
+    except ConfigError as e:
+        raise ValueError(str(e)) from None
+    _params(entry, dict(options or {}))
 
 
 def get_judge(name: str, **opts) -> Judge:
-    """The judge registered under ``name``, built with ``opts``; ConfigError on an unknown name."""
+    """The judge registered under ``name``, built with ``opts``; ConfigError on an unknown name or bad options."""
+    entry = _entry(name)
     try:
-        factory = JUDGES[name]
-    except KeyError:
-        raise ConfigError(f"unknown judge {name!r}; known judges: {', '.join(sorted(JUDGES))}") from None
-    return factory(**opts)
+        params = _params(entry, opts)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+    if entry.info.get("kwargs"):
+        return entry.obj(**(params.model_dump(exclude_unset=True) if params is not None else opts))
+    return entry.obj(params) if params is not None else entry.obj()
 
 
 # ----------------------------------------------------------------------------- accuracy
@@ -169,3 +207,7 @@ def qa_accuracy(
     Use :func:`judge_qa` to also get the number of unparseable judgements.
     """
     return judge_qa(judge, questions, answers, predictions).accuracy
+
+
+# the LLM judges (openai, local_llm) register themselves; nothing heavy is imported until one is built
+from mera.eval import llm_judge  # noqa: E402, F401

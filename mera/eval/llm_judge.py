@@ -7,7 +7,7 @@ predicted answer and replies with a Python dict string ``{'pred': 'yes', 'score'
 but does not decide the judgement. A reply that cannot be parsed is judged ``None``: it is
 counted as unparseable (see :class:`mera.eval.judges.QAResult`), never silently scored.
 
-Judges registered in :mod:`mera.eval.judges`:
+Judges registered (:mod:`mera.config.registry`, kind ``judge``; see :mod:`mera.eval.judges`):
 
 * ``openai`` -> :class:`OpenAIJudge` (any OpenAI-compatible chat-completions endpoint)
 * ``local_llm`` -> :class:`LocalLLMJudge` (any HF causal LM in a local folder)
@@ -27,12 +27,15 @@ import os
 import random
 import re
 import threading
-import time
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable
 
+from pydantic import model_validator
+
+from mera.config.base import StrictModel
+from mera.config.registry import register
 from mera.errors import ConfigError, DataError, MeraError
 
 # ----------------------------------------------------------------------------- the prompt
@@ -170,7 +173,7 @@ CACHE_FILE = "judgements.jsonl"
 
 def default_cache_dir() -> Path:
     """``<zoo_home()>/judge-cache`` ($MERA_HOME or ~/.cache/mera)."""
-    from mera.zoo.build import zoo_home
+    from mera.paths import zoo_home
 
     return zoo_home() / "judge-cache"
 
@@ -556,6 +559,38 @@ class OpenAIJudge(_CachedLLMJudge):
             )
 
 
+class OpenAIJudgeParams(StrictModel):
+    """The options of :class:`OpenAIJudge` (same defaults). Checked when a config loads: nothing
+    here reads the environment or contacts the endpoint."""
+
+    model: str = "gpt-4o-mini"
+    base_url: str | None = None
+    api_key_env: str = "OPENAI_API_KEY"  # the NAME of the variable holding the key, never the key
+    max_concurrency: int = 8
+    max_retries: int = 5
+    backoff_base: float = 1.0
+    backoff_max: float = 60.0
+    timeout: float = 60.0
+    max_tokens: int = 64
+    cache_dir: str | Path | None = None
+
+    @model_validator(mode="after")
+    def _check(self):
+        if self.max_concurrency < 1:
+            raise ValueError(f"max_concurrency must be >= 1, got {self.max_concurrency}")
+        if self.max_retries < 0:
+            raise ValueError(f"max_retries must be >= 0, got {self.max_retries}")
+        if self.timeout <= 0:
+            raise ValueError(f"timeout must be > 0 seconds, got {self.timeout}")
+        return self
+
+
+@register("judge", "openai", OpenAIJudgeParams)
+def openai_judge(params: OpenAIJudgeParams) -> OpenAIJudge:
+    """``openai``: an :class:`OpenAIJudge` with the options given."""
+    return OpenAIJudge(**params.model_dump(exclude_unset=True))
+
+
 # ----------------------------------------------------------------------------- local HF causal LM
 
 
@@ -651,3 +686,35 @@ class LocalLLMJudge(_CachedLLMJudge):
                 raise DataError(f"judge 'local_llm': {len(replies)} replies for a batch of {len(batch)}")
             stats.requests += len(batch)
             yield from zip(batch, replies)
+
+
+_LOCAL_DTYPES = ("float32", "float16", "bfloat16")
+
+
+class LocalLLMJudgeParams(StrictModel):
+    """The options of :class:`LocalLLMJudge` (same defaults; ``path`` is required). Checked when a
+    config loads: the folder is not looked at then."""
+
+    path: str | Path | None = None
+    trust_remote_code: bool = False
+    batch_size: int = 8
+    max_new_tokens: int = 32
+    device: str | None = None
+    dtype: str | None = None
+    cache_dir: str | Path | None = None
+
+    @model_validator(mode="after")
+    def _check(self):
+        if not self.path:
+            raise ValueError("needs the option path (a local model folder)")
+        if self.batch_size < 1 or self.max_new_tokens < 1:
+            raise ValueError("batch_size and max_new_tokens must be >= 1")
+        if self.dtype is not None and self.dtype not in _LOCAL_DTYPES:
+            raise ValueError(f"dtype must be one of {', '.join(_LOCAL_DTYPES)}, got {self.dtype!r}")
+        return self
+
+
+@register("judge", "local_llm", LocalLLMJudgeParams)
+def local_llm_judge(params: LocalLLMJudgeParams) -> LocalLLMJudge:
+    """``local_llm``: a :class:`LocalLLMJudge` with the options given."""
+    return LocalLLMJudge(**params.model_dump(exclude_unset=True))

@@ -10,6 +10,10 @@ Two families:
 
 Every connector has ``num_tokens(in_tokens) -> int``: how many LLM tokens it produces from
 ``in_tokens`` feature tokens.
+
+Each type registers a builder ``builder(params, in_dim, out_dim)`` with
+``register("connector", name, Params)`` (:mod:`mera.config.registry`), ``Params`` declaring its
+parameters; :func:`build_connector` looks ``cfg.type`` up there.
 """
 
 from __future__ import annotations
@@ -18,54 +22,53 @@ import re
 from typing import Literal
 
 import torch
-from pydantic import model_validator
+from pydantic import BaseModel, model_validator
 from torch import nn
 
 from mera.config.base import StrictModel
+from mera.config.registry import lookup, register
 from mera.errors import CheckpointError, ConfigError
 
 
-class ConnectorConfig(StrictModel):
-    type: Literal["mlp", "qformer"] = "mlp"
-    # MLP: number of Linear layers (GELU between them); hidden_sizes = widths between the layers
-    # (length depth - 1; default: the LLM width everywhere, as LLaVA-1.5).
-    depth: int = 2
-    hidden_sizes: list[int] | None = None
-    # Q-Former (ignored by the MLP). When init_from is set, the BERT config's sizes win over
-    # qformer_hidden / qformer_layers / qformer_heads / qformer_intermediate.
-    num_queries: int = 32
-    qformer_hidden: int = 768
-    qformer_layers: int = 12
-    qformer_heads: int = 12
-    qformer_intermediate: int = 3072
-    cross_attention_frequency: int = 2
-    init_from: str | None = None
-
-    @model_validator(mode="after")
-    def _check(self):
-        if self.depth < 1:
-            raise ValueError(f"connector depth must be >= 1, got {self.depth}")
-        if self.hidden_sizes is not None:
-            if len(self.hidden_sizes) != self.depth - 1:
-                raise ValueError(
-                    f"connector hidden_sizes has {len(self.hidden_sizes)} entries; "
-                    f"depth {self.depth} needs depth - 1 = {self.depth - 1}"
-                )
-            if any(h < 1 for h in self.hidden_sizes):
-                raise ValueError(f"connector hidden_sizes must be positive, got {self.hidden_sizes}")
-        for name in ("num_queries", "qformer_hidden", "qformer_layers", "qformer_heads",
-                     "qformer_intermediate", "cross_attention_frequency"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"connector {name} must be >= 1, got {getattr(self, name)}")
-        if self.qformer_hidden % self.qformer_heads:
+def _check_mlp(depth: int, hidden_sizes: list[int] | None) -> None:
+    if depth < 1:
+        raise ValueError(f"connector depth must be >= 1, got {depth}")
+    if hidden_sizes is not None:
+        if len(hidden_sizes) != depth - 1:
             raise ValueError(
-                f"qformer_hidden ({self.qformer_hidden}) must be a multiple of qformer_heads ({self.qformer_heads})"
+                f"connector hidden_sizes has {len(hidden_sizes)} entries; "
+                f"depth {depth} needs depth - 1 = {depth - 1}"
             )
-        return self
+        if any(h < 1 for h in hidden_sizes):
+            raise ValueError(f"connector hidden_sizes must be positive, got {hidden_sizes}")
+
+
+_QFORMER_SIZES = ("num_queries", "qformer_hidden", "qformer_layers", "qformer_heads", "qformer_intermediate",
+                  "cross_attention_frequency")
+
+
+def _check_qformer(p) -> None:
+    for name in _QFORMER_SIZES:
+        if getattr(p, name) < 1:
+            raise ValueError(f"connector {name} must be >= 1, got {getattr(p, name)}")
+    if p.qformer_hidden % p.qformer_heads:
+        raise ValueError(
+            f"qformer_hidden ({p.qformer_hidden}) must be a multiple of qformer_heads ({p.qformer_heads})"
+        )
 
 
 # ----------------------------------------------------------------------------------------------
 # MLP
+
+
+class MLPParams(StrictModel):
+    depth: int = 2
+    hidden_sizes: list[int] | None = None
+
+    @model_validator(mode="after")
+    def _check_mlp(self):
+        _check_mlp(self.depth, self.hidden_sizes)
+        return self
 
 
 class MLPConnector(nn.Sequential):
@@ -91,6 +94,11 @@ class MLPConnector(nn.Sequential):
 
     def num_tokens(self, in_tokens: int) -> int:
         return in_tokens
+
+
+@register("connector", "mlp", MLPParams)
+def build_mlp(params: MLPParams, in_dim: int, out_dim: int) -> MLPConnector:
+    return MLPConnector(in_dim, out_dim, params.depth, params.hidden_sizes)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -135,6 +143,24 @@ def bert_to_qformer_state_dict(bert_state: dict[str, torch.Tensor]) -> tuple[dic
     return out, unused
 
 
+class QFormerParams(StrictModel):
+    """When ``init_from`` (a BERT checkpoint folder) is set, the BERT config's sizes win over
+    qformer_hidden / qformer_layers / qformer_heads / qformer_intermediate."""
+
+    num_queries: int = 32
+    qformer_hidden: int = 768
+    qformer_layers: int = 12
+    qformer_heads: int = 12
+    qformer_intermediate: int = 3072
+    cross_attention_frequency: int = 2
+    init_from: str | None = None
+
+    @model_validator(mode="after")
+    def _check_qformer(self):
+        _check_qformer(self)
+        return self
+
+
 class QFormerConnector(nn.Module):
     """Learned queries -> ``Blip2QFormerModel`` (cross-attending to the features) -> ``Linear(hidden, H)``.
 
@@ -166,7 +192,7 @@ class QFormerConnector(nn.Module):
         return self.proj(out)
 
     @staticmethod
-    def make_config(cfg: ConnectorConfig, in_dim: int, bert_config=None):
+    def make_config(cfg: "QFormerParams | ConnectorConfig", in_dim: int, bert_config=None):
         from transformers import Blip2QFormerConfig
 
         common = dict(
@@ -210,8 +236,7 @@ class QFormerConnector(nn.Module):
             bert = BertModel.from_pretrained(path)
         except (OSError, ValueError) as e:
             raise CheckpointError(f"cannot load a BERT checkpoint for the Q-Former from {path!r}: {e}") from e
-        cfg = ConnectorConfig(type="qformer", num_queries=num_queries,
-                              cross_attention_frequency=cross_attention_frequency)
+        cfg = QFormerParams(num_queries=num_queries, cross_attention_frequency=cross_attention_frequency)
         conn = cls(in_dim, out_dim, cls.make_config(cfg, in_dim, bert.config), num_queries)
         renamed, unused = bert_to_qformer_state_dict(bert.state_dict())
         if unused:
@@ -229,13 +254,36 @@ class QFormerConnector(nn.Module):
 # ----------------------------------------------------------------------------------------------
 
 
+@register("connector", "qformer", QFormerParams)
+def build_qformer(params: QFormerParams, in_dim: int, out_dim: int) -> QFormerConnector:
+    if params.init_from:
+        return QFormerConnector.from_bert(params.init_from, in_dim, out_dim, params.num_queries,
+                                          params.cross_attention_frequency)
+    return QFormerConnector(in_dim, out_dim, QFormerConnector.make_config(params, in_dim), params.num_queries)
+
+
+# ----------------------------------------------------------------------------------------------
+
+
+class ConnectorConfig(MLPParams, QFormerParams):
+    """A branch's connector in a run config: ``type`` names a registered connector (``mlp`` or
+    ``qformer``); the fields are the union of their parameters (:class:`MLPParams`: depth and
+    hidden_sizes, the widths between the layers, default the LLM width everywhere as LLaVA-1.5;
+    :class:`QFormerParams`), each read only by its own type. All of them are validated whatever
+    the type."""
+
+    type: Literal["mlp", "qformer"] = "mlp"
+
+    def params(self) -> BaseModel | None:
+        """The parameters of this type's registered connector, taken from the matching fields."""
+        entry = lookup("connector", self.type)
+        if entry.params is None:
+            return None
+        return entry.params.model_validate(self.model_dump(include=set(entry.params.model_fields)))
+
+
 def build_connector(cfg: ConnectorConfig, in_dim: int, llm_dim: int) -> nn.Module:
-    """A fresh connector from ``in_dim``-wide features to the LLM width ``llm_dim``."""
-    if cfg.type == "mlp":
-        return MLPConnector(in_dim, llm_dim, cfg.depth, cfg.hidden_sizes)
-    if cfg.type == "qformer":
-        if cfg.init_from:
-            return QFormerConnector.from_bert(cfg.init_from, in_dim, llm_dim, cfg.num_queries,
-                                              cfg.cross_attention_frequency)
-        return QFormerConnector(in_dim, llm_dim, QFormerConnector.make_config(cfg, in_dim), cfg.num_queries)
-    raise ConfigError(f"unknown connector type {cfg.type!r}")
+    """A fresh connector from ``in_dim``-wide features to the LLM width ``llm_dim``: the registered
+    connector ``cfg.type``, called as ``builder(params, in_dim, llm_dim)``."""
+    entry = lookup("connector", cfg.type)
+    return entry.obj(cfg.params(), in_dim, llm_dim)

@@ -34,29 +34,14 @@ from mera import MODALITIES, __version__
 from mera.config.base import StrictModel
 from mera.data.toy_world import ToyWorldConfig
 from mera.errors import MeraError
-from mera.io import write_json
-from mera.zoo.lm import LMConfig, replace_dir, sha256_file
+from mera.io import replace_dir, sha256_file, write_json
+from mera.paths import zoo_home
+from mera.zoo.lm import LMConfig
 
 ZOO_NAME = "toy-zoo-v1"
 MANIFEST = "manifest.json"
 ENCODER_MODALITIES = ("image", "audio", "point")  # video reuses the image encoder, frame by frame
 BUILD_HINT = "run `mera toy build`"
-
-
-def zoo_home(cfg: "ZooConfig | dict | str | os.PathLike | None" = None) -> Path:
-    """The mera home: ``cfg.home`` if given, else ``$MERA_HOME``, else ``~/.cache/mera``.
-
-    ``cfg`` may be a :class:`ZooConfig`, a dict of its fields, a path, or None.
-    """
-    home = None
-    if isinstance(cfg, ZooConfig):
-        home = cfg.home
-    elif isinstance(cfg, dict):
-        home = cfg.get("home")
-    elif cfg is not None:
-        home = cfg
-    home = home or os.environ.get("MERA_HOME") or Path.home() / ".cache" / "mera"
-    return Path(home).expanduser()
 
 
 class ZooConfig(StrictModel):
@@ -268,7 +253,7 @@ def _build_into(tmp: Path, cfg: ZooConfig, progress: bool) -> ZooManifest:
     import transformers
 
     from mera.data import toy_world
-    from mera.model.encoders.toy import pretrain_toy_encoders
+    from mera.zoo.encoders import pretrain_toy_encoders
     from mera.zoo.lm import pretrain_lm
     from mera.zoo.tokenizer import build_tokenizer
 
@@ -361,7 +346,7 @@ def _encoders_job(out_dir: str, world_cfg, seed: int) -> dict:
     """The encoders' pre-training, run in a spawned process (one torch thread)."""
     import torch
 
-    from mera.model.encoders.toy import pretrain_toy_encoders
+    from mera.zoo.encoders import pretrain_toy_encoders
 
     torch.set_num_threads(1)
     return pretrain_toy_encoders(out_dir, world_cfg, seed=seed, progress=False)

@@ -10,13 +10,10 @@ Threads are the caller's business (``torch.set_num_threads``); nothing global is
 
 from __future__ import annotations
 
-import hashlib
 import math
 import os
 import random
-import shutil
 import time
-import uuid
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Callable
@@ -28,7 +25,7 @@ from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerBase
 
 from mera.config.base import StrictModel
 from mera.errors import ConfigError
-from mera.io import write_json
+from mera.io import atomic_dir, sha256_file, write_json
 
 IGNORE_INDEX = -100
 WEIGHTS_NAME = "model.safetensors"
@@ -128,44 +125,6 @@ def split_heldout(pairs: list[tuple[str, str]], n_eval: int, seed: int):
     train = [(p, a) for p, a in pairs if p not in held]
     evals = [(p, sorted(set(by_prompt[p]))) for p in prompts[:n_eval]]
     return train, evals
-
-
-# --------------------------------------------------------------------------- files
-
-
-def sha256_file(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while b := f.read(chunk):
-            h.update(b)
-    return h.hexdigest()
-
-
-def replace_dir(src: Path, dst: Path) -> None:
-    """Move the finished folder ``src`` onto ``dst``, replacing any old ``dst`` (same filesystem)."""
-    src, dst = Path(src), Path(dst)
-    old = None
-    if dst.exists():
-        old = dst.with_name(f".{dst.name}.old-{uuid.uuid4().hex[:8]}")
-        os.replace(dst, old)
-    os.replace(src, dst)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
-
-
-@contextmanager
-def atomic_dir(dst: str | os.PathLike):
-    """Yield a fresh temporary folder beside ``dst``; on success it replaces ``dst``, on error it is removed."""
-    dst = Path(dst)
-    dst.parent.mkdir(parents=True, exist_ok=True)
-    tmp = dst.with_name(f".{dst.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}")
-    tmp.mkdir()
-    try:
-        yield tmp
-        replace_dir(tmp, dst)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
 
 
 # --------------------------------------------------------------------------- train / eval
@@ -291,6 +250,11 @@ def pretrain_lm(
     ``save_pretrained(safe_serialization=True)`` into a temporary folder that is then renamed, along
     with ``train_summary.json``. Returns that summary (params, seconds, loss, exact match, sha256).
     """
+    # Why this loop does not use mera.train.loop.train_phase: train_phase batches, shuffles and
+    # schedules its own way, so switching would change the cached zoo's weights and with them every
+    # toy score, which the project keeps byte-identical. Nor does this loop need what train_phase
+    # carries (the multimodal collator, gradient accumulation, Accelerate, resumable step
+    # checkpoints): it trains a whole small model from scratch on plain token pairs.
     cfg = cfg or LMConfig()
     if not pairs:
         raise ConfigError("pretrain_lm: no training pairs")

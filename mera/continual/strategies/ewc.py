@@ -8,7 +8,7 @@ from pydantic import Field
 
 from mera.config.base import StrictModel
 from mera.config.registry import register
-from mera.continual.strategies import Continue, Strategy, StageContext
+from mera.continual.strategies import Continue, StageContext, Strategy
 from mera.data.pipeline import sample_fraction
 from mera.train.lora import lora_parameters
 

@@ -29,9 +29,8 @@ import math
 
 import torch
 import torch.nn.functional as F
-from torch import nn
-
 from pydantic import Field
+from torch import nn
 
 from mera.config.base import StrictModel
 from mera.config.registry import register

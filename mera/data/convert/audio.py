@@ -22,8 +22,21 @@ Clotho-AQA (``clotho_aqa``, audio QA):
 
 from __future__ import annotations
 
-from mera.data.convert._common import (Context, Media, Part, caption_prompt, clean, csv_has_column, csv_header,
-                                       csv_records, find_file, qa_prompt, ranked_answers, subset_note, take_subset)
+from mera.data.convert._common import (
+    Context,
+    Media,
+    Part,
+    caption_prompt,
+    clean,
+    csv_has_column,
+    csv_header,
+    csv_records,
+    find_file,
+    qa_prompt,
+    ranked_answers,
+    subset_note,
+    take_subset,
+)
 from mera.data.format import Sample
 from mera.errors import DataError
 

@@ -26,8 +26,17 @@ Cap3D-QA (``cap3d_qa``, point QA):
 
 from __future__ import annotations
 
-from mera.data.convert._common import (Context, Media, Part, caption_prompt, clean, csv_headerless, csv_records,
-                                       find_file, qa_prompt)
+from mera.data.convert._common import (
+    Context,
+    Media,
+    Part,
+    caption_prompt,
+    clean,
+    csv_headerless,
+    csv_records,
+    find_file,
+    qa_prompt,
+)
 from mera.data.format import Sample
 from mera.errors import DataError
 

@@ -21,8 +21,21 @@ Media root: ``--media-dir`` (default ``--src``); ``--media-pattern`` fields: ``c
 
 from __future__ import annotations
 
-from mera.data.convert._common import (Context, Media, Part, caption_prompt, clean, find_file, get, json_list,
-                                       qa_prompt, ranked_answers, read_json, subset_note, take_subset)
+from mera.data.convert._common import (
+    Context,
+    Media,
+    Part,
+    caption_prompt,
+    clean,
+    find_file,
+    get,
+    json_list,
+    qa_prompt,
+    ranked_answers,
+    read_json,
+    subset_note,
+    take_subset,
+)
 from mera.data.format import Sample
 from mera.errors import DataError
 

@@ -27,8 +27,22 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
-from mera.data.convert._common import (Context, Media, Part, caption_prompt, clean, csv_has_column, csv_records,
-                                       find_file, get, json_list, qa_prompt, read_json, subset_note, take_subset)
+from mera.data.convert._common import (
+    Context,
+    Media,
+    Part,
+    caption_prompt,
+    clean,
+    csv_has_column,
+    csv_records,
+    find_file,
+    get,
+    json_list,
+    qa_prompt,
+    read_json,
+    subset_note,
+    take_subset,
+)
 from mera.data.format import Sample
 from mera.errors import DataError
 

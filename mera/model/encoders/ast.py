@@ -27,8 +27,9 @@ import os
 import torch
 from torch import nn
 
+from mera.config.base import StrictModel
+from mera.config.registry import register
 from mera.errors import CheckpointError, ConfigError
-from mera.model.encoders.base import register_encoder
 from mera.model.encoders.fbank import audio_waveform, kaldi_fbank
 
 AST_MEAN = -4.2677393
@@ -99,7 +100,13 @@ class ASTAudioEncoder(nn.Module):
         return h if self.keep_special_tokens else h[:, 2:]
 
 
-@register_encoder("hf_ast")
+class HFASTParams(StrictModel):
+    dtype: str | None = None
+    keep_special_tokens: bool = False  # False: drop the CLS and distillation tokens
+    resample: bool = True  # False: audio at another rate is a DataError
+
+
+@register("encoder", "hf_ast", HFASTParams)
 def load_hf_ast(path: str | None, dtype: str | None = None, keep_special_tokens: bool = False,
                 resample: bool = True) -> ASTAudioEncoder:
     """``hf_ast``: a local folder with an AST checkpoint (+ optional ``preprocessor_config.json``).

@@ -44,13 +44,15 @@ import os
 import pickle
 import zipfile
 from pathlib import Path
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from mera.config.base import StrictModel
+from mera.config.registry import register
 from mera.errors import CheckpointError, ConfigError
-from mera.model.encoders.base import register_encoder
 from mera.model.encoders.fbank import audio_waveform, fit_length, kaldi_fbank, num_frames
 
 SAMPLE_RATE = 16000
@@ -472,7 +474,17 @@ def _resolve_checkpoint(path: str | None, checkpoint: str | None) -> Path:
                           "choose one with the checkpoint option")
 
 
-@register_encoder("beats")
+class BEATsParams(StrictModel):
+    checkpoint: str | None = None  # the file inside a folder ``path`` (or the file itself, without a path)
+    max_seconds: float = 10.0
+    pad: Literal["zeros", "repeat"] = "zeros"  # after a short clip: silence, or the clip tiled
+    resample: bool = True
+    dtype: str | None = None
+    random_init: bool = False  # tests only
+    config: dict | None = None  # the BEATs cfg of a random_init encoder
+
+
+@register("encoder", "beats", BEATsParams)
 def load_beats(path: str | None = None, checkpoint: str | None = None, max_seconds: float = 10.0,
                pad: str = "zeros", resample: bool = True, dtype: str | None = None,
                random_init: bool = False, config: dict | None = None) -> BEATsEncoder:

@@ -17,8 +17,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from mera.config.base import StrictModel
+from mera.config.registry import register
 from mera.errors import CheckpointError, DataError
-from mera.model.encoders.base import register_encoder
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
@@ -103,7 +104,12 @@ class ClipVisionEncoder(nn.Module):
         return out.hidden_states[self.feature_layer][:, 1:]
 
 
-@register_encoder("hf_clip")
+class HFClipParams(StrictModel):
+    feature_layer: int = -2  # hidden state taken as the features (-2: the penultimate layer)
+    dtype: str | None = None  # e.g. "bfloat16"; None: the checkpoint's
+
+
+@register("encoder", "hf_clip", HFClipParams)
 def load_hf_clip(path: str | None, feature_layer: int = -2, dtype: str | None = None) -> ClipVisionEncoder:
     """``hf_clip``: a local folder saved by ``CLIPVisionModel.save_pretrained`` (or a full CLIP
     checkpoint such as openai/clip-vit-large-patch14-336, whose vision tower is taken)."""

@@ -27,8 +27,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from mera.config.base import StrictModel
+from mera.config.registry import register
 from mera.errors import ConfigError, DataError
-from mera.model.encoders.base import register_encoder
 from mera.model.encoders.clip import ClipVisionEncoder
 
 
@@ -87,7 +88,14 @@ class ClipVideoEncoder(nn.Module):
         return tok.reshape(b, f * self.pooled * self.pooled, self.output_dim)
 
 
-@register_encoder("hf_clip_video")
+class HFClipVideoParams(StrictModel):
+    frames: int = 4  # frames sampled per clip
+    pool: int = 2  # each frame's g x g grid is downsampled to (g // pool)^2 tokens
+    feature_layer: int = -2
+    dtype: str | None = None
+
+
+@register("encoder", "hf_clip_video", HFClipVideoParams)
 def load_hf_clip_video(path: str | None, frames: int = 4, pool: int = 2, feature_layer: int = -2,
                        dtype: str | None = None) -> ClipVideoEncoder:
     """``hf_clip_video``: the same folder as ``hf_clip`` (a ``CLIPVisionModel`` or full CLIP checkpoint).

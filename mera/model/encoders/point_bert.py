@@ -49,8 +49,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from mera.config.base import StrictModel
+from mera.config.registry import register
 from mera.errors import CheckpointError, ConfigError, DataError
-from mera.model.encoders.base import register_encoder
 
 DEFAULT_CHECKPOINT_NAMES = ("point_bert_v1.2.pt", "point_bert_v1.2.safetensors", "model.safetensors")
 # key prefixes tried, in order, when picking the point encoder's weights out of a file
@@ -366,7 +367,25 @@ def _resolve_checkpoint(path: str | None, checkpoint: str | None) -> Path:
     return p
 
 
-@register_encoder("point_bert")
+class PointBertParams(StrictModel):
+    """The loader's options, then the network sizes of :class:`PointBertConfig` (same defaults)."""
+
+    checkpoint: str | None = None
+    num_points: int = 8192
+    dtype: str | None = None
+    random_init: bool = False  # no weights: smoke tests only
+    trans_dim: int = 384
+    depth: int = 12
+    num_heads: int = 6
+    mlp_ratio: float = 4.0
+    num_group: int = 512
+    group_size: int = 32
+    encoder_dims: int = 256
+    point_dims: int = 6
+    fps_skip_origin: bool = True
+
+
+@register("encoder", "point_bert", PointBertParams)
 def load_point_bert(path: str | None = None, checkpoint: str | None = None, num_points: int = 8192,
                     dtype: str | None = None, random_init: bool = False, **overrides) -> PointBertEncoder:
     """``point_bert``: ``path`` is the checkpoint file or a folder holding one

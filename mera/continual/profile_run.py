@@ -21,10 +21,12 @@ def profile_run(run_dir: str | Path, rounds: int = 3, config_dir: str | Path | N
                 log=print) -> dict:
     from mera.config import load_config
     from mera.continual import checkpoint as ckpt
-    from mera.continual.runner import Runner
+    from mera.continual.assets import load_assets
+    from mera.continual.run_config import RunConfig
+    from mera.continual.rundir import RunDir
+    from mera.continual.stages import load_stage
     from mera.eval.profile import profile_inference
     from mera.eval.report import write_report
-    from mera.run_config import RunConfig
 
     run = Path(run_dir)
     if not (run / "config.yaml").is_file():
@@ -32,23 +34,24 @@ def profile_run(run_dir: str | Path, rounds: int = 3, config_dir: str | Path | N
     if rounds < 1:
         raise ConfigError(f"--rounds must be >= 1, got {rounds}")
     cfg = load_config(run / "config.yaml", [], RunConfig)
-    runner = Runner(cfg, run, config_dir=Path(config_dir) if config_dir else run.parent, resume=True,
-                    progress=False, log=lambda m: None)
-    runner.setup(judge=False)  # the test sets are needed for the prompts, not the judge
+    # the test sets are needed for the prompts, not the judge
+    assets = load_assets(cfg, Path(config_dir) if config_dir else run.parent, cache_dir=run / ".features",
+                         judge=False, threads=cfg.threads)
+    rd = RunDir(run, cfg)
     order_name = next(iter(cfg.orders))
     order = cfg.orders[order_name]
-    finals = {m.name: runner.stage_dir(order_name, m, len(order), order[-1]) for m in cfg.methods}
+    finals = {m.name: rd.stage_dir(order_name, m, len(order), order[-1]) for m in cfg.methods}
     finals = {k: v for k, v in finals.items() if ckpt.is_done(v)}
     if not finals:
         raise ConfigError(f"{run}: no method has finished its last stage in order {order_name!r}")
-    samples = [s for m in order for s in (runner.sets[m].caption_test[:1] + runner.sets[m].qa_test[:1])]
+    samples = [s for m in order for s in (assets.sets[m].caption_test[:1] + assets.sets[m].qa_test[:1])]
     names = list(finals)
     runs: dict[str, list[dict]] = {k: [] for k in names}
     for r in range(rounds):
         shift = r % len(names)
         for name in names[shift:] + names[:shift]:  # a different method goes first each round
-            model = runner.load_stage(finals[name])
-            runs[name].append(profile_inference(model, runner.tokenizer, samples, runner.provider,
+            model = load_stage(assets, finals[name])
+            runs[name].append(profile_inference(model, assets.tokenizer, samples, assets.provider,
                                                 new_tokens=cfg.eval.max_new_tokens))
             del model
         log(f"round {r + 1}/{rounds} done")
@@ -70,23 +73,3 @@ def profile_run(run_dir: str | Path, rounds: int = 3, config_dir: str | Path | N
     if (run / "scores.csv").is_file():
         write_report([str(run / "scores.csv")], str(run), efficiency=eff)
     return out
-
-
-def add_profile_parser(sub) -> None:
-    p = sub.add_parser("profile", help="measure every method's inference cost again, quietly, and refresh "
-                                       "the run's efficiency table and report")
-    p.add_argument("run_dir", help="a run directory written by mera run")
-    p.add_argument("--rounds", type=int, default=3, help="interleaved rounds; the median is kept (default 3)")
-    p.add_argument("--config-dir", default=None,
-                   help="folder the run config's relative paths are relative to (default: the run's parent)")
-    p.set_defaults(func=cmd_profile)
-
-
-def cmd_profile(args) -> int:
-    out = profile_run(args.run_dir, args.rounds, args.config_dir)
-    width = max(len(k) for k in out)
-    for name, p in out.items():
-        print(f"{name:{width}s}  {p['ms_per_token']:7.2f} ms/token  LLM {p['llm_params_m']:.3f}M params  "
-              f"peak {p['peak_mib']:.0f} MiB ({p['memory_kind']})")
-    print(f"updated {Path(args.run_dir) / 'efficiency.json'} and the report")
-    return 0

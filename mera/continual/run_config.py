@@ -12,8 +12,8 @@ from pydantic import Field, field_validator, model_validator
 
 from mera import MODALITIES
 from mera.config.base import StrictModel
-from mera.model.connectors import ConnectorConfig
 from mera.continual.methods import MethodConfig
+from mera.model.connectors import ConnectorConfig
 from mera.train.lora import LoraSettings
 
 ZOO_KEYS = ("llm", "tokenizer", "root", "manifest") + tuple(f"encoders/{m}" for m in MODALITIES)

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import json
 import os
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -60,21 +59,21 @@ class Loaded:
 # ============================================================================ targets
 
 
-def _finished(run_dir: Path, runner) -> list[str]:
+def _finished(run_dir: Path, rd) -> list[str]:  # rd: the run's RunDir
     from mera.continual import checkpoint as ckpt
 
-    out = [f"--expert {m}" for m in runner.plan()["experts"] if ckpt.is_done(runner.expert_dir(m))]
-    for oname, order in runner.cfg.orders.items():
-        for meth in runner.cfg.methods:
+    out = [f"--expert {m}" for m in rd.plan()["experts"] if ckpt.is_done(rd.expert_dir(m))]
+    for oname, order in rd.cfg.orders.items():
+        for meth in rd.cfg.methods:
             for i, m in enumerate(order, 1):
-                if ckpt.is_done(runner.stage_dir(oname, meth, i, m)):
+                if ckpt.is_done(rd.stage_dir(oname, meth, i, m)):
                     out.append(f"--stage {oname}/{meth.name}/{i}")
     return out
 
 
 def _run_config(run_dir: Path):
     from mera.config import load_config
-    from mera.run_config import RunConfig
+    from mera.continual.run_config import RunConfig
 
     return load_config(run_dir / "config.yaml", [], RunConfig)
 
@@ -82,17 +81,17 @@ def _run_config(run_dir: Path):
 def stage_folder(run_dir: Path, stage: str | None = None, expert: str | None = None) -> Path:
     """The stage folder that ``--stage ORDER/METHOD[/I]`` or ``--expert M`` names in ``run_dir``."""
     from mera.continual import checkpoint as ckpt
-    from mera.continual.runner import Runner, slug
+    from mera.continual.rundir import RunDir, slug
 
     cfg = _run_config(run_dir)
-    runner = Runner(cfg, run_dir, log=lambda msg: None, progress=False)
+    rd = RunDir(run_dir, cfg)
     if stage and expert:
         raise ConfigError("give --stage or --expert, not both")
     if expert:
         if expert not in cfg.model.branches:
             raise ConfigError(f"--expert {expert}: the run has no {expert!r} branch "
                               f"(it has: {', '.join(cfg.model.branches)})")
-        folder = runner.expert_dir(expert)
+        folder = rd.expert_dir(expert)
     elif stage:
         parts = stage.strip("/").split("/")
         if len(parts) not in (2, 3):
@@ -111,9 +110,9 @@ def stage_folder(run_dir: Path, stage: str | None = None, expert: str | None = N
             raise ConfigError(f"--stage {stage!r}: the stage index {parts[2]!r} is not a number") from None
         if not 1 <= i <= len(order):
             raise ConfigError(f"--stage {stage!r}: order {oname!r} has stages 1..{len(order)}")
-        folder = runner.stage_dir(oname, meths[0], i, order[i - 1])
+        folder = rd.stage_dir(oname, meths[0], i, order[i - 1])
     else:
-        done = _finished(run_dir, runner)
+        done = _finished(run_dir, rd)
         raise ConfigError(f"{run_dir}: a run directory; choose a stage with --stage ORDER/METHOD/I or "
                           f"--expert MODALITY (finished: {'; '.join(done[:12]) or 'none'})")
     if not ckpt.is_done(folder):
@@ -122,9 +121,10 @@ def stage_folder(run_dir: Path, stage: str | None = None, expert: str | None = N
 
 
 def load_target(path: str | os.PathLike, *, stage: str | None = None, expert: str | None = None,
-                config_dir=None, device=None, runner=None) -> Loaded:
+                config_dir=None, device=None, assets=None) -> Loaded:
     """Load what ``path`` names (an exported folder, a stage folder, or a run dir + stage / expert)."""
-    from mera.export import check_stage, find_run_dir, is_export, load_exported, runner_for
+    from mera.continual.stages import load_stage
+    from mera.interop.export import assets_for, check_stage, find_run_dir, is_export, load_exported
 
     p = Path(path).expanduser().resolve()
     if not p.is_dir():
@@ -147,10 +147,10 @@ def load_target(path: str | os.PathLike, *, stage: str | None = None, expert: st
         folder = p
         run_dir = find_run_dir(folder)
     check_stage(folder)
-    runner = runner or runner_for(run_dir, config_dir)
-    model = runner.load_stage(folder)
+    assets = assets or assets_for(run_dir, config_dir)
+    model = load_stage(assets, folder)
     model.eval()
-    return Loaded(model, str(folder), "stage", int(runner.cfg.eval.max_new_tokens))
+    return Loaded(model, str(folder), "stage", int(assets.cfg.eval.max_new_tokens))
 
 
 # ============================================================================ answering
@@ -273,7 +273,7 @@ def read_batch(path: str | os.PathLike) -> list[dict]:
 
         def rel(m):
             if not isinstance(m, str):
-                raise DataError(f"{p}: item {i}: media must be a path or a list of paths, got {m!r}")
+                raise DataError(f"{p}: item {i}: media must be a path or a list of paths, got {m!r}")  # noqa: B023
             mp = Path(m).expanduser()
             return str(mp if mp.is_absolute() else p.parent / mp)
 
@@ -305,80 +305,4 @@ def answer_batch(loaded: Loaded, items: list[dict], max_new_tokens: int | None =
     return rows
 
 
-# ============================================================================ CLI
-
-
-def add_generate_parser(sub):
-    p = sub.add_parser("generate", help="answer a prompt about a media file with a finished stage or an exported "
-                                        "model (greedy)")
-    p.add_argument("target", help="a finished stage folder, a run directory (with --stage or --expert) or a "
-                                  "folder written by mera export")
-    p.add_argument("--stage", help="with a run directory: ORDER/METHOD/I (METHOD: name or folder name; "
-                                   "without /I: the order's last stage)")
-    p.add_argument("--expert", metavar="MODALITY", help="with a run directory: that modality's expert")
-    p.add_argument("--media", nargs="+", help="the media file (video: one file or its frame images)")
-    p.add_argument("--modality", choices=MODALITIES, help="the media's modality")
-    p.add_argument("--prompt", help="the question or instruction (the placeholder is added in front unless "
-                                    "the prompt holds it)")
-    p.add_argument("--max-new-tokens", type=int, metavar="N",
-                   help="answer length cap (default: the run's eval.max_new_tokens)")
-    p.add_argument("--stream", action="store_true", help="print the answer token by token")
-    p.add_argument("--batch", metavar="FILE", help="JSON list (or JSON lines) of {media, modality, prompt} items; "
-                                                   "answers are written as JSON lines")
-    p.add_argument("--batch-size", type=int, default=8, metavar="N", help="items generated together (default 8)")
-    p.add_argument("--out", metavar="FILE", help="with --batch: write the JSON lines here (default: stdout)")
-    p.add_argument("--config-dir", help="folder the run config's relative paths are relative to "
-                                        "(default: found from the working folder or the run folder)")
-    p.set_defaults(func=cmd_generate)
-    return p
-
-
-def generate_command(args, out=None) -> int:
-    out = out or sys.stdout
-    if args.max_new_tokens is not None and args.max_new_tokens < 1:
-        raise ConfigError(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")
-    if args.batch:
-        if args.media or args.prompt or args.modality:
-            raise ConfigError("--batch takes the media, modalities and prompts from its file; "
-                              "drop --media / --modality / --prompt")
-        if args.stream:
-            raise ConfigError("--stream answers one prompt; it does not apply to --batch")
-        items = read_batch(args.batch)
-    else:
-        missing = [o for o, v in (("--media", args.media), ("--modality", args.modality),
-                                  ("--prompt", args.prompt)) if not v]
-        if missing:
-            raise ConfigError(f"generate needs {', '.join(missing)} (or --batch FILE)")
-        if args.out:
-            raise ConfigError("--out applies to --batch only")
-    loaded = load_target(args.target, stage=args.stage, expert=args.expert, config_dir=args.config_dir)
-    if args.batch:
-        if args.out:
-            from mera.io import write_text
-
-            rows = answer_batch(loaded, items, args.max_new_tokens, args.batch_size)
-            write_text(args.out, "".join(json.dumps(r) + "\n" for r in rows))
-            print(f"{len(rows)} answers: {args.out}", file=sys.stderr)
-        else:
-            answer_batch(loaded, items, args.max_new_tokens, args.batch_size,
-                         on_answer=lambda r: (out.write(json.dumps(r) + "\n"), out.flush()))
-        return 0
-    media = args.media if len(args.media) > 1 else args.media[0]
-    if args.stream:
-        def write(text):
-            out.write(text)
-            out.flush()
-
-        answer(loaded, args.modality, media, args.prompt, args.max_new_tokens, stream=write)
-        out.write("\n")
-    else:
-        out.write(answer(loaded, args.modality, media, args.prompt, args.max_new_tokens) + "\n")
-    return 0
-
-
-def cmd_generate(args) -> int:
-    return generate_command(args)
-
-
-__all__ = ["Loaded", "load_target", "answer", "answer_batch", "read_batch", "build_prompt", "stage_folder",
-           "add_generate_parser", "cmd_generate", "generate_command"]
+__all__ = ["Loaded", "load_target", "answer", "answer_batch", "read_batch", "build_prompt", "stage_folder"]

@@ -1,4 +1,4 @@
-"""Moving models in and out of mera: ``mera import-llava`` and ``mera export``.
+"""Moving a model into mera: ``mera import-llava``.
 
 ``import_llava(LLAVA_DIR, MODEL_DIR)`` splits a transformers ``LlavaForConditionalGeneration``
 folder (``save_pretrained`` layout, safetensors) into what a mera run config uses::
@@ -10,18 +10,8 @@ folder (``save_pretrained`` layout, safetensors) into what a mera run config use
     MODEL_DIR/example_config.yaml        the ``model`` section of a run config using it
 
 The image branch then uses ``pretrained_connector``: its expert is the base LLM + that
-connector, not trained (LLaVA's stage 1 is already done).
-
-``export_stage(STAGE_DIR, DIR)`` writes a finished stage as a self-contained model::
-
-    DIR/llm/                             the LLM with every delta of the stage chain folded in
-    DIR/connectors/<modality>.safetensors
-    DIR/manifest.json                    per modality: encoder (family, absolute path, options),
-                                         connector config and file; the source stage
-
-and ``load_exported(DIR)`` rebuilds the :class:`~mera.model.mllm.MultimodalLM` from it (what
-``mera generate DIR`` uses). Everything is safetensors; nothing is loaded with pickle or
-``trust_remote_code``.
+connector, not trained (LLaVA's stage 1 is already done). Everything is safetensors; nothing is
+loaded with pickle or ``trust_remote_code``.
 """
 
 from __future__ import annotations
@@ -30,12 +20,11 @@ import json
 import os
 from pathlib import Path
 
-
-from mera.errors import CheckpointError, ConfigError, MeraError
-from mera.io import atomic_path, write_json, write_text
+from mera.errors import CheckpointError, ConfigError
+from mera.interop._common import _dtype_name, _prepare_out, _save_tensors
+from mera.io import write_json, write_text
 
 IMPORT_FORMAT = "mera-llava-import-v1"
-EXPORT_FORMAT = "mera-export-v1"
 SHARD_BYTES = 4 << 30  # LLM shard size when importing
 
 # LLaVA-1.5's conversation format (vicuna_v1), for tokenizers without a chat template that takes
@@ -57,42 +46,6 @@ LLAVA15_CHAT_TEMPLATE = (
     "{% endfor %}"
     "{% if add_generation_prompt %}{{ 'ASSISTANT:' }}{% endif %}"
 )
-
-
-# ============================================================================ helpers
-
-
-def _prepare_out(out: Path, force: bool, what: str) -> None:
-    if out.exists() and (not out.is_dir() or any(out.iterdir())):
-        if not force:
-            raise MeraError(f"{out}: already exists and is not empty; choose another --out or pass --force "
-                            f"to replace it with the {what}")
-
-
-def _save_tensors(path: Path, tensors: dict[str, torch.Tensor]) -> None:
-    import torch
-    from safetensors.torch import save_file
-
-    with atomic_path(path) as tmp:
-        save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(tmp), metadata={"format": "pt"})
-
-
-def _load_tensors(path: Path) -> dict[str, torch.Tensor]:
-    import torch
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
-
-    if not path.is_file():
-        raise CheckpointError(f"{path}: file is missing")
-    try:
-        return load_file(str(path))
-    except (SafetensorError, OSError, ValueError) as e:
-        raise CheckpointError(f"{path}: unreadable safetensors file ({e})") from None
-
-
-def _dtype_name(dtype: torch.dtype) -> str:
-    import torch
-    return str(dtype).replace("torch.", "")
 
 
 # ============================================================================ import-llava
@@ -225,7 +178,7 @@ def import_llava(llava_dir: str | os.PathLike, out_dir: str | os.PathLike, *, to
     from transformers import AutoModelForCausalLM, CLIPVisionModel, GenerationConfig
     from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 
-    from mera.zoo.lm import atomic_dir
+    from mera.io import atomic_dir
 
     log = log or (lambda msg: None)
     src = Path(llava_dir).expanduser().resolve()
@@ -467,232 +420,3 @@ def example_config(out: Path, info: dict, enc_opts: dict) -> str:
             "# (pretrained_connector). Add the other modalities' branches, then data, orders and methods.\n"
             "# dtype is the checkpoint's; bfloat16 is the usual choice for training on a GPU.\n")
     return head + yaml.safe_dump({"model": model}, sort_keys=False)
-
-
-# ============================================================================ export
-
-
-def find_run_dir(stage: Path) -> Path:
-    """The run directory holding the stage folder ``stage`` (the nearest parent with config.yaml)."""
-    for p in [stage, *stage.parents][:5]:
-        if (p / "config.yaml").is_file():
-            return p
-    raise CheckpointError(f"{stage}: no run directory with config.yaml above this stage folder")
-
-
-def _relative_refs(cfg) -> list[str]:
-    refs = [cfg.model.llm, cfg.model.tokenizer or ""]
-    for b in cfg.model.branches.values():
-        refs += [b.encoder.path or "", b.pretrained_connector or ""]
-    for p in cfg.data.sets.values():
-        refs += [p.caption_train, p.caption_test, p.qa_train, p.qa_test]
-    return [r for r in refs if r and not r.startswith("zoo:") and not Path(r).expanduser().is_absolute()]
-
-
-def guess_config_dir(cfg, run_dir: Path, config_dir: str | os.PathLike | None = None) -> Path:
-    """The folder that relative paths of a run's config are relative to: ``config_dir`` when given,
-    else the first of (working folder, run folder, its parent) where they all exist."""
-    if config_dir is not None:
-        return Path(config_dir).resolve()
-    refs = _relative_refs(cfg)
-    for cand in (Path.cwd(), run_dir, run_dir.parent):
-        if all((cand / r).exists() for r in refs):
-            return cand.resolve()
-    return Path.cwd()
-
-
-def runner_for(run_dir: Path, config_dir=None, progress: bool = False, data: bool = False):
-    """A set-up :class:`~mera.continual.runner.Runner` of the finished run in ``run_dir``: enough to
-    load and use its stages (``data=True`` also loads its data sets; the judge is never built)."""
-    from mera.config import load_config
-    from mera.continual.runner import Runner
-    from mera.run_config import RunConfig
-
-    cfg = load_config(run_dir / "config.yaml", [], RunConfig)
-    runner = Runner(cfg, run_dir, config_dir=guess_config_dir(cfg, run_dir, config_dir), resume=True,
-                    progress=progress, log=lambda msg: None)
-    runner.setup(data=data, judge=False)
-    return runner
-
-
-def check_stage(stage: Path) -> dict:
-    from mera.continual import checkpoint as ckpt
-
-    if not stage.is_dir():
-        raise CheckpointError(f"{stage}: not a folder")
-    if not ckpt.is_done(stage):
-        raise CheckpointError(f"{stage}: not a finished stage (no DONE file)")
-    return ckpt.read_manifest(stage)
-
-
-def export_stage(stage_dir: str | os.PathLike, out_dir: str | os.PathLike, *, config_dir=None, force: bool = False,
-                 runner=None) -> dict:
-    """Write the model of a finished stage as a folder ``mera generate`` (and plain HF, for the LLM) can
-    load; returns the manifest. ``runner``: an already set-up runner of the stage's run (else one is made)."""
-    from mera.continual import checkpoint as ckpt
-    from mera.zoo.lm import atomic_dir
-
-    stage = Path(stage_dir).expanduser().resolve()
-    out = Path(out_dir).expanduser().resolve()
-    manifest = check_stage(stage)
-    if manifest.get("llm_modules"):
-        kind = manifest["llm_modules"].get("kind", "?")
-        raise CheckpointError(f"{stage}: a {kind} stage: its LLM holds extra modules (PathWeave's adapters) that "
-                              "cannot be folded into a plain HF model, so it cannot be exported; "
-                              "`mera generate` works on the stage folder itself")
-    if out == stage or stage in out.parents:
-        raise ConfigError(f"{out}: the export folder may not be inside the stage folder")
-    _prepare_out(out, force, "exported model")
-    run_dir = find_run_dir(stage)
-    runner = runner or runner_for(run_dir, config_dir)
-    model = runner.load_stage(stage)
-    cfg = runner.cfg
-    modalities = {}
-    with atomic_dir(out) as tmp:
-        model.llm.save_pretrained(str(tmp / "llm"))
-        runner.tokenizer.save_pretrained(str(tmp / "llm"))
-        for m in model.modalities:
-            b = cfg.model.branches.get(m)
-            if b is None:
-                raise CheckpointError(f"{stage}: has a {m!r} connector but the run's config has no such branch")
-            if not b.encoder.path:
-                raise CheckpointError(f"{stage}: the {m!r} encoder ({b.encoder.family}) has no path in the run's "
-                                      "config, so the export cannot refer to it")
-            conn_cfg = b.connector.model_dump(mode="json")
-            if conn_cfg.get("init_from"):  # the BERT folder fixes the Q-Former's sizes
-                conn_cfg["init_from"] = os.path.abspath(conn_cfg["init_from"])
-            file = f"connectors/{m}.safetensors"
-            _save_tensors(tmp / file, model.branch(m).connector.state_dict())
-            modalities[m] = {
-                "encoder": {"family": b.encoder.family, "path": str(Path(runner.resolve(b.encoder.path)).resolve()),
-                            "options": dict(b.encoder.options)},
-                "connector": conn_cfg,
-                "connector_file": file,
-            }
-        info = {
-            "format": EXPORT_FORMAT,
-            "source": {"run": str(run_dir), "stage": str(stage), "kind": manifest.get("kind"),
-                       "stage_index": manifest.get("stage"), "modality": manifest.get("modality"),
-                       "chain": [str(p) for p in ckpt.chain(stage)]},
-            "llm": "llm",
-            "dtype": cfg.model.dtype,
-            "modalities": modalities,
-            "generation": {"max_new_tokens": cfg.eval.max_new_tokens},
-        }
-        write_json(tmp / "manifest.json", info)
-    return info
-
-
-def is_export(folder: str | os.PathLike) -> bool:
-    f = Path(folder) / "manifest.json"
-    if not f.is_file():
-        return False
-    try:
-        return json.loads(f.read_text(encoding="utf-8")).get("format") == EXPORT_FORMAT
-    except (OSError, ValueError, AttributeError):
-        return False
-
-
-def read_export_manifest(folder: Path) -> dict:
-    f = folder / "manifest.json"
-    try:
-        m = json.loads(f.read_text(encoding="utf-8"))
-    except (OSError, ValueError) as e:
-        raise CheckpointError(f"{f}: unreadable manifest ({e})") from None
-    if not isinstance(m, dict) or m.get("format") != EXPORT_FORMAT or not isinstance(m.get("modalities"), dict):
-        raise CheckpointError(f"{f}: not a mera export manifest")
-    return m
-
-
-def load_exported(folder: str | os.PathLike, device: str | torch.device | None = None):
-    """The :class:`~mera.model.mllm.MultimodalLM` of an exported folder, and its manifest."""
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    from mera.model.connectors import ConnectorConfig, build_connector
-    from mera.model.encoders.base import load_encoder
-    from mera.model.mllm import MultimodalLM
-
-    folder = Path(folder).expanduser().resolve()
-    m = read_export_manifest(folder)
-    device = torch.device(device) if device is not None else torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    llm_dir = folder / m.get("llm", "llm")
-    dtype = getattr(torch, m.get("dtype") or "float32")
-    try:
-        tok = AutoTokenizer.from_pretrained(str(llm_dir))
-        llm = AutoModelForCausalLM.from_pretrained(str(llm_dir), dtype=dtype)
-    except (OSError, ValueError) as e:
-        raise CheckpointError(f"{llm_dir}: cannot load the exported language model ({e})") from None
-    llm.requires_grad_(False)
-    model = MultimodalLM(llm.to(device), tok)
-    hidden = model.hidden_size
-    for mod, entry in m["modalities"].items():
-        enc_ref = entry["encoder"]
-        enc = load_encoder(enc_ref["family"], enc_ref.get("path"), **(enc_ref.get("options") or {})).to(device)
-        try:
-            ccfg = ConnectorConfig.model_validate(entry["connector"])
-        except Exception as e:
-            raise CheckpointError(f"{folder / 'manifest.json'}: bad connector config of {mod!r} ({e})") from None
-        conn = build_connector(ccfg, enc.output_dim, hidden)
-        state = _load_tensors(folder / entry["connector_file"])
-        try:
-            conn.load_state_dict(state)
-        except RuntimeError as e:
-            raise CheckpointError(f"{folder / entry['connector_file']}: does not fit the {mod!r} connector ({e})") from None
-        model.add_branch(mod, enc, conn.to(device))
-    model.eval()
-    return model, m
-
-
-# ============================================================================ CLI
-
-
-def add_import_llava_parser(sub):
-    p = sub.add_parser("import-llava", help="turn a transformers LLaVA checkpoint into an LLM, a CLIP encoder "
-                                            "and a pretrained image connector usable by a run config")
-    p.add_argument("llava_dir", help="folder of a LlavaForConditionalGeneration saved by save_pretrained "
-                                     "(safetensors)")
-    p.add_argument("--out", required=True, help="output folder (llm/, encoders/image/, connectors/, "
-                                                "import.json, example_config.yaml)")
-    p.add_argument("--tokenizer", help="tokenizer folder, when the LLaVA folder has none")
-    p.add_argument("--force", action="store_true", help="replace a non-empty --out")
-    p.set_defaults(func=cmd_import_llava)
-    return p
-
-
-def cmd_import_llava(args) -> int:
-    import sys
-
-    info = import_llava(args.llava_dir, args.out, tokenizer=args.tokenizer, force=args.force,
-                        log=lambda msg: print(msg, file=sys.stderr, flush=True))
-    out = Path(args.out).resolve()
-    s = info["sizes"]
-    print(f"imported {info['source']}\n"
-          f"  llm:        {out / 'llm'} ({s['llm_params'] / 1e6:.1f}M parameters, {info['dtype']['llm']})\n"
-          f"  encoder:    {out / 'encoders' / 'image'} (hf_clip, {s['image_tokens']} tokens x {s['feature_dim']})\n"
-          f"  connector:  {out / 'connectors' / 'image.safetensors'} (mlp, depth 2)\n"
-          f"  tokenizer:  chat template {info['tokenizer']['chat_template']}\n"
-          f"  config:     {out / 'example_config.yaml'}")
-    for n in info["notes"]:
-        print(f"  note: {n}")
-    return 0
-
-
-def add_export_parser(sub):
-    p = sub.add_parser("export", help="write a finished stage as a plain HF LLM (deltas folded) + connectors "
-                                      "+ a manifest of its encoders")
-    p.add_argument("stage_dir", help="a finished stage folder (with DONE) of a run")
-    p.add_argument("--out", required=True, help="output folder")
-    p.add_argument("--config-dir", help="folder the run config's relative paths are relative to "
-                                        "(default: found from the working folder or the run folder)")
-    p.add_argument("--force", action="store_true", help="replace a non-empty --out")
-    p.set_defaults(func=cmd_export)
-    return p
-
-
-def cmd_export(args) -> int:
-    info = export_stage(args.stage_dir, args.out, config_dir=args.config_dir, force=args.force)
-    out = Path(args.out).resolve()
-    print(f"exported {info['source']['stage']}\n  llm:        {out / 'llm'}\n"
-          f"  modalities: {', '.join(info['modalities'])}\n  manifest:   {out / 'manifest.json'}")
-    return 0

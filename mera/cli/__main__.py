@@ -1,0 +1,5 @@
+import sys
+
+from mera.cli import main
+
+sys.exit(main())

@@ -1,0 +1,64 @@
+"""``mera run CONFIG [key=value ...]``: train and evaluate experts and methods through the
+modality orders of a config."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+
+def add_parser(subparsers):
+    r = subparsers.add_parser("run", help="train and evaluate experts and methods through the modality orders of a config")
+    r.add_argument("config", help="YAML config (e.g. configs/toy/demo.yaml)")
+    r.add_argument("overrides", nargs="*", help="key=value overrides, e.g. train.instruct.lr_lora=1e-3")
+    r.add_argument("--out", help="run directory (default: runs/<name>)")
+    r.add_argument("--resume", action="store_true", help="continue a run directory, skipping finished stages")
+    r.add_argument("--dry-run", action="store_true", help="list the experts and (order, method, stage) to train")
+    r.add_argument("--quiet", action="store_true", help="no progress bars")
+    r.add_argument("--workers", type=int, default=1, metavar="N",
+                   help="train independent experts and (order, method) chains in N processes on CPU, "
+                        "sharing the config's threads (default 1)")
+    r.set_defaults(func=run)
+    return r
+
+
+def run(args) -> int:
+    from mera.config import load_config
+    from mera.continual.run_config import RunConfig
+    from mera.errors import ConfigError
+
+    cfg = load_config(args.config, args.overrides, RunConfig)
+    out = Path(args.out or Path("runs") / cfg.name)
+    if args.workers < 1:
+        raise ConfigError(f"--workers must be >= 1, got {args.workers}")
+    if args.dry_run:
+        from mera.continual.rundir import RunDir
+
+        plan = RunDir(out, cfg).plan()
+        print(f"run directory: {out}")
+        print("methods (plug-ins with their parameters; the combinations are checked):")
+        for meth in cfg.methods:
+            items = ", ".join(x["name"] + (f"({', '.join(f'{k}={v}' for k, v in x.items() if k != 'name')})"
+                                           if len(x) > 1 else "") for x in meth.strategies)
+            print(f"  {meth.name:24s} {items}")
+        print("experts (trained once, reused by every method and order):")
+        for m in plan["experts"]:
+            print(f"  experts/{m}")
+        print("stages:")
+        for s in plan["stages"]:
+            print(f"  {s['order']:12s} {s['method']:24s} stage {s['stage']} {s['modality']:6s} {s['what']:16s} {s['dir']}")
+        print(f"{len(plan['experts'])} experts, {len(plan['stages'])} stages")
+        return 0
+    from mera.continual.loop import StageLoop
+
+    loop = StageLoop(cfg, out, config_dir=Path(args.config).resolve().parent, resume=args.resume,
+                     progress=not args.quiet and sys.stderr.isatty() and args.workers == 1, workers=args.workers)
+    scores = loop.run()
+    from mera import dist
+
+    if not dist.is_main():  # under a distributed launch only the main process prints the report
+        return 0
+    if (out / "report.md").is_file():
+        print((out / "report.md").read_text())
+    print(f"run directory: {out}\n  scores:  {scores}\n  report:  {out / 'report.md'}\n  figures: {out / 'figures'}")
+    return 0
