@@ -229,6 +229,35 @@ def test_mixed_modality_batch_splices_each_samples_own_features(tok, toy):
         assert not (batch["input_ids"][b] == other).any()
 
 
+def test_the_batch_being_run_records_each_samples_modality(tok, toy):
+    """embed (so forward and generate) records which modality each row is, for LLM submodules that
+    route by modality; text-only rows are None; the record stays for the backward pass."""
+    assert toy.batch_modalities.get() is None
+    seen = []  # what an LLM submodule reads at each of its calls: (rows of its input, the record)
+    hook = toy.llm.model.layers[0].self_attn.q_proj.register_forward_hook(
+        lambda mod, args, out: seen.append((args[0].shape[0], toy.batch_modalities.get())))
+    batch = MultimodalCollator(tok, toy, train=True)([img(1), aud(2), img(3)])
+    toy(batch).loss.backward()
+    assert seen == [(3, ["image", "audio", "image"])] and batch["modalities"] == ["image", "audio", "image"]
+    assert toy.batch_modalities.get() == ["image", "audio", "image"]  # kept after the pass
+    seen.clear()
+    gen = MultimodalCollator(tok, toy, train=False)([aud(1), img(2)])  # left-padded
+    toy.generate_ids(gen, max_new_tokens=3)
+    assert len(seen) >= 2 and all(s == (2, ["audio", "image"]) for s in seen)  # prefill and every new token
+    hook.remove()
+    # a row without media is None; a row with two modalities' media cannot be routed
+    ids = MultimodalCollator(tok, toy, train=True)([img(1)])["input_ids"]
+    text = torch.full_like(ids, tok.pad_token_id)
+    text[0, :3] = torch.tensor(ids_of(tok, "what is this"))
+    toy.embed({"input_ids": torch.cat([ids, text]), "features": {"image": img(1)["features"][None]}})
+    assert toy.batch_modalities.get() == ["image", None]
+    both = ids.clone()
+    both[0, -2:] = toy.media_token_id("audio")
+    toy.batch_modalities.record(both)
+    with pytest.raises(ValueError, match="several modalities"):
+        toy.batch_modalities.get()
+
+
 def test_embed_rejects_count_mismatch(tok, toy):
     batch = MultimodalCollator(tok, toy, train=True)([img(0), img(1)])
     batch["features"]["image"] = batch["features"]["image"][:1]

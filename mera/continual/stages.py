@@ -23,7 +23,7 @@ def load_stage(assets: Assets, folder: str | Path):
             raise CheckpointError(f"{folder}: unknown LLM modules {layout.get('kind')!r} in the manifest")
         from mera.continual.strategies.pathweave import install_from_state
 
-        install_from_state(model.llm, layout, ckpt.load_strategy_tensors(folder))
+        install_from_state(model.llm, layout, ckpt.load_strategy_tensors(folder), route=model.batch_modalities)
     branches = assets.cfg.model.branches
     for m, state in ckpt.load_connectors(folder).items():
         if m not in branches:

@@ -11,6 +11,15 @@ Batch keys read here: ``input_ids`` [B, L] (with sentinels), ``attention_mask`` 
 (preprocessed inputs of the encoder) or ``features: {modality: [n_m, T, D]}`` (encoder outputs,
 precomputed: the encoder is skipped). The n_m items of a modality are in the order in which their
 sentinel runs appear in the batch (sample by sample, left to right).
+
+Routing by modality. :meth:`MultimodalLM.embed` (so ``forward`` and ``generate_ids`` too, and
+anything that embeds and then calls ``model.llm`` itself) records the batch it embeds in
+``model.batch_modalities`` (a :class:`BatchModalities`): LLM submodules that choose a path by the
+input's modality (PathWeave's per-modality adapters) read there which modality each sample (each
+row of the batch) is. The record is kept until the next ``embed``, so a gradient-checkpointed layer
+recomputed during the backward pass reads the same batch. Recording is one attribute assignment:
+the per-sample list is only worked out (from the sentinels in ``input_ids``) when a submodule asks,
+so a model without such submodules computes nothing more and its numbers are unchanged.
 """
 
 from __future__ import annotations
@@ -87,11 +96,48 @@ class Branch(nn.Module):
         return self.connector(features)
 
 
+class BatchModalities:
+    """The modality of each sample of the batch a :class:`MultimodalLM` last embedded.
+
+    ``get()`` is a list with one entry per row of that batch: the modality whose media sentinels the
+    row holds, or None for a row without media (a text-only sample). A row holding the sentinels of
+    two modalities is an error when read (no sample of this project has two). ``get()`` is None
+    before the first ``embed``. Read by LLM submodules that route by modality; a plain object (not a
+    module, nothing in the state dict).
+    """
+
+    __slots__ = ("_ids", "_value")
+
+    def __init__(self):
+        self._ids: torch.Tensor | None = None
+        self._value: list[str | None] | None = None
+
+    def record(self, input_ids: torch.Tensor) -> None:
+        """The batch being run is ``input_ids`` [B, L] (with sentinels); worked out lazily."""
+        self._ids, self._value = input_ids, None
+
+    def get(self) -> list[str | None] | None:
+        if self._value is None and self._ids is not None:
+            ids = self._ids
+            present = {m: (ids == media_token_id(m)).any(dim=-1).tolist() for m in MODALITIES}
+            rows: list[str | None] = []
+            for i in range(ids.shape[0]):
+                found = [m for m in MODALITIES if present[m][i]]
+                if len(found) > 1:
+                    raise ValueError(f"row {i} of the batch holds media of several modalities {found}: a sample "
+                                     "has one modality, by which modality-routed LLM modules choose its path")
+                rows.append(found[0] if found else None)
+            self._value = rows
+        return self._value
+
+
 class MultimodalLM(nn.Module):
     def __init__(self, llm: nn.Module, tokenizer, branches: dict[str, Branch] | None = None):
         super().__init__()
         self.llm = llm
         self.tokenizer = tokenizer
+        # which modality each sample of the batch being run is (module docstring: routing by modality)
+        self.batch_modalities = BatchModalities()
         self.branches = nn.ModuleDict()
         for modality, branch in (branches or {}).items():
             self._check_modality(modality)
@@ -144,10 +190,12 @@ class MultimodalLM(nn.Module):
         return self.branch(modality).encode(media)
 
     def embed(self, batch: dict) -> torch.Tensor:
-        """Input embeddings [B, L, H]: token embeddings, with the connector outputs at the sentinels."""
+        """Input embeddings [B, L, H]: token embeddings, with the connector outputs at the sentinels.
+        Records the batch in ``batch_modalities`` (routing by modality: the module's docstring)."""
         input_ids = batch["input_ids"]
         emb_layer = self.llm.get_input_embeddings()
         input_ids = input_ids.to(emb_layer.weight.device)
+        self.batch_modalities.record(input_ids)
         embeds = emb_layer(input_ids.clamp(min=0))
         media = batch.get("media") or {}
         features = batch.get("features") or {}

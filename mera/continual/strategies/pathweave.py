@@ -1,35 +1,90 @@
-"""PathWeave (adapter-in-adapter), re-implemented from its paper's description, inside the LLM.
+"""PathWeave (adapter-in-adapter with per-modality gates), as its authors' public code builds it,
+placed inside the LLM as the MERA paper re-implemented it.
 
-Every linear module of the LLM that LoRA targets is wrapped by a :class:`PathWeaveLinear`:
+Every linear module of the LLM that the expert's LoRA targets is wrapped by a
+:class:`PathWeaveLinear`. Modality ``m_t`` (the t-th of the order, t = 0, 1, ...) owns adapter t
+and a *path*: the way a sample of that modality goes through the module,
 
-    y = W x + sum_j g_j(x) * s * up_j( h_j + sum_k in_{j,k}(h_j) ),   h_j = down_j(x)
+    t = 0:  y = W x + s * up_0(down_0 x)
+    t > 0:  y = W x + sum_{j<=t} g^t_j(x) * s * up_j(h^t_j),
+            h^t_j = F^t_j(down_j x) for j < t,   h^t_t = down_t x
 
-- ``down_j`` / ``up_j``: the low-rank adapter of the j-th modality (rank r, scaling s = alpha / r,
-  the LoRA settings of ``train.lora``); the first one is the first modality's expert adapter
-  (stage 1 of every method is that expert, so its LoRA is taken back out of the weights and
-  becomes adapter 0, unchanged);
-- ``in_{j,k}``: the small "in-adapter" (``r -> in_rank -> r``, its up-projection
-  zero-initialised, so it starts as the identity) inserted into the frozen adapter j when
-  modality k arrives: the cross-modal path from an old modality's adapter to the new one;
-- ``g(x) = softmax(G x)``: a per-token gate over the adapters, ``G`` zero-initialised (a
-  uniform mix); a new adapter adds a zero row to ``G``, the old rows are kept.
+- ``down_j`` / ``up_j``: the low-rank adapter of modality j (train.lora's rank r, scaling
+  s = alpha / r). Adapter 0 is the first modality's expert LoRA (stage 1 of every method is that
+  expert; at stage 2 it is taken back out of the weights and becomes adapter 0, unchanged);
+  a new adapter has LoRA's init (down Kaiming-uniform, up zero).
+- ``F^t_j``: the in-adapter that modality t's path inserts into the frozen adapter j, *between*
+  its down and up projections, replacing the bottleneck (not added to it):
+  ``Linear(r, 2r) -> Linear(2r, r)`` with biases and no activation (``in_adapter="mlp"``; the
+  hidden width is ``in_rank``, 2r when unset), or one ``Linear(r, r)`` (``"linear"``). Weights
+  N(0, 0.02), biases zero, so the old adapter's contribution on the new path starts small.
+  ``F^t_j`` starts as a copy of ``F^{t-1}_j`` when modality t-1's path had one (the original
+  carries its single in-adapter of adapter j from stage to stage), fresh otherwise.
+- ``g^t``: modality t's gate over the t+1 adapters of its path, per token: noisy top-k gating,
+  ``logits = x G_t``, plus ``N(0, 1) * (softplus(x N_t) + eps)`` in training only; ``g`` = softmax
+  of the top-k logits (k = all t+1 by default, the original's setting), zeros elsewhere. ``G_t`` and
+  ``N_t`` start at zero (a uniform mix, noise scale softplus(0) + eps). Evaluation uses the clean
+  logits: deterministic.
 
-At stage k only the new adapter, the new in-adapters and the gates are trained; every
-older adapter and in-adapter is frozen. Nothing is removed at test time: the model keeps
-every adapter, so its inference cost grows with the number of modalities (see the
-efficiency table of the report). The LLM's own weights are never changed after the
-expert's adapter is taken out of them.
+The path is chosen by the sample's modality (``MultimodalLM.batch_modalities``), at training and
+at inference, so one batch may mix modalities (replay, realign) and each row takes its own path.
+A row without media (text-only), or of a modality with no path yet (the new modality during step A
+of its stage, before its adapter exists), goes through the frozen LLM alone: in the original a
+sample without a modality never reaches an adapter (they live in a modality's Q-Former).
 
-Dropout inside the adapters is not used (the LoRA dropout setting is ignored here).
+At stage t+1 (modality t, t >= 1) exactly these train: adapter t, the in-adapters ``F^t_j``
+(j < t) and modality t's gate (``G_t``, ``N_t``). Every earlier adapter, in-adapter and gate is
+frozen and, being on no path but the earlier modalities' own, an earlier modality's output is
+unchanged by later stages. The LLM's own weights never change after the expert's adapter is
+taken out of them. Nothing is removed at test time: the model keeps every adapter, so its
+inference cost grows with the number of modalities (see the efficiency table of the report).
+
+What the original does (JiazuoYu/PathWeave: ``lavis/models/blip2_models/Qformer.py``,
+``adapter.py``, ``blip2_vicuna_xinstruct.py``, the train/eval configs and run scripts) and how
+this differs, knowingly:
+
+- Placement: the original's adapters are on the Q-Former's query/key/value (self- and
+  cross-attention) and attention-output linears of each modality's Q-Former (hidden 768,
+  bottleneck 8); here they are on every linear module of the LLM that LoRA targets, with
+  train.lora's rank, as the MERA paper ran it. Consequently every token of a sample in the LLM
+  (its text too) takes the sample's path, where the original adapts only the Q-Former (the
+  modality's features, its queries and the instruction given to it) and leaves the LLM as it is;
+  and there are no adapters on the LLM projection (the original also adds an ungated sum of
+  per-modality adapters to each modality's LLM projection: here each modality has its own
+  connector anyway).
+- Per-modality snapshot of the in-adapters: the original keeps one in-adapter per old adapter,
+  retrains it at every later stage and evaluates each modality with the checkpoint of the stage
+  that learned it (its test scripts; a later checkpoint does not even hold an earlier
+  modality's gate). One model serves every seen modality here, so each modality's path keeps
+  its own in-adapters (``F^t_j``, the paper's notation): the new path trains exactly what the
+  original trains at that stage (starting from the same values) and an old modality sees what
+  its own checkpoint held.
+- Adapter form: LoRA pairs without biases and with the fixed scaling alpha / r (adapter 0 *is*
+  the expert's LoRA); the original's adapters have biases and a learnable scalar (init 1).
+  New adapters use LoRA's init (the init the original's ``Adapter`` declares); in the original
+  the Q-Former's Hugging Face weight init re-draws every adapter linear N(0, 0.02) (both
+  projections), which at LLM width and rank would perturb the frozen LLM at step 0. The
+  in-adapters follow that effective N(0, 0.02) / zero-bias init. No dropout, as in the original.
+- In-adapter form: the original offers one ``Linear(b, b)`` (``use_mlp: False``, most of its
+  shipped configs) or the MLPs ``b -> 2b -> b`` without activation ("no_hidden") and
+  ``b -> 2b -> 2b -> b`` with ReLU, ReLU, sigmoid ("base"); the default here is "no_hidden"
+  (``in_adapter="mlp"``), "linear" is the other choice, "base" is not offered.
+- Noise: the original adds it whenever its run is a training run; here whenever the module is in
+  training mode (``model.train()``), so an evaluation inside a training run is deterministic.
+- The first modality (stage 1, the expert) is trained as a plain LoRA on the whole model and the
+  new modality's connector is aligned (step A) before its path exists, on the LLM as it is then
+  (at stage 2 the LLM with the expert folded in, later the frozen LLM alone): the original has no
+  step A (a new modality's Q-Former starts from the previous one).
 """
 
 from __future__ import annotations
 
 import math
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
-from pydantic import Field
+from pydantic import Field, model_validator
 from torch import nn
 
 from mera.config.base import StrictModel
@@ -38,76 +93,184 @@ from mera.continual.strategies import OwnModules, StageContext, Strategy
 from mera.errors import CheckpointError
 
 PREFIX = "pathweave."
+LAYOUT_VERSION = 2
+IN_ADAPTER_INIT_STD = 0.02  # the original's effective init (BERT's initializer_range) of its adapter linears
+
+
+def _linear(i: int, o: int, bias: bool, like: torch.Tensor) -> nn.Linear:
+    """An uninitialised Linear on ``like``'s device and dtype (no draw from the RNG)."""
+    return nn.utils.skip_init(nn.Linear, i, o, bias=bias, device=like.device, dtype=like.dtype)
 
 
 class PathWeaveLinear(nn.Module):
-    """A frozen base ``nn.Linear`` plus per-modality adapters, in-adapters and a softmax gate."""
+    """A frozen base ``nn.Linear`` plus one adapter and one path (gate, in-adapters) per modality.
 
-    def __init__(self, base: nn.Linear, rank: int, scaling: float, in_rank: int):
+    ``route`` (a :class:`mera.model.mllm.BatchModalities`) says which modality each row of the
+    input is; a row takes its modality's path (no adapter for a modality without one, or None).
+    """
+
+    def __init__(self, base: nn.Linear, rank: int, scaling: float, *, in_adapter: str = "mlp",
+                 in_hidden: int | None = None, top_k: int | None = None, noise: bool = True,
+                 noise_epsilon: float = 1e-2, route=None):
         super().__init__()
+        if in_adapter not in ("mlp", "linear"):
+            raise ValueError(f"in_adapter must be 'mlp' or 'linear', got {in_adapter!r}")
         self.base = base
-        self.rank, self.scaling, self.in_rank = rank, scaling, in_rank
-        self.down = nn.ModuleList()
-        self.up = nn.ModuleList()
-        self.inner = nn.ModuleDict()  # "j_k" -> Sequential(Linear(r, in_rank), Linear(in_rank, r))
-        self._inner_of: list[list[str]] = []  # adapter j -> keys of its in-adapters
-        self.gate: nn.Linear | None = None  # Linear(in, num_adapters), made by add_adapter
+        self.rank, self.scaling = rank, scaling
+        self.in_adapter = in_adapter
+        self.in_hidden = (in_hidden or 2 * rank) if in_adapter == "mlp" else None
+        self.top_k, self.noisy, self.noise_epsilon = top_k, noise, noise_epsilon
+        self.route = route
+        self.down = nn.ModuleList()  # adapter j: Linear(in, r)
+        self.up = nn.ModuleList()  # adapter j: Linear(r, out)
+        self.inner = nn.ModuleDict()  # "j_t": the in-adapter modality t's path inserts into adapter j
+        self.gate = nn.ModuleDict()  # "t" (t >= 1): Linear(in, t + 1), modality t's clean gate logits
+        self.noise = nn.ModuleDict()  # "t" (t >= 1): Linear(in, t + 1), its noise scale (if noisy)
+        self.modalities: list[str] = []  # adapter / path t belongs to modalities[t]
+        self._groups = None  # (route list, device, groups) of the last call: one batch, many modules
 
     @property
     def num_adapters(self) -> int:
         return len(self.down)
 
-    def _dev(self):
-        return dict(device=self.base.weight.device, dtype=self.base.weight.dtype)
+    def extra_repr(self) -> str:
+        return (f"rank={self.rank}, scaling={self.scaling}, modalities={self.modalities}, "
+                f"in_adapter={self.in_adapter}, in_hidden={self.in_hidden}, top_k={self.top_k}, noise={self.noisy}")
 
-    def add_adapter(self, A: torch.Tensor | None = None, B: torch.Tensor | None = None) -> int:
-        """Append adapter j (LoRA-style init: down Kaiming-uniform, up zero, unless A/B given); grow the gate."""
-        down = nn.Linear(self.base.in_features, self.rank, bias=False, **self._dev())
-        up = nn.Linear(self.rank, self.base.out_features, bias=False, **self._dev())
-        with torch.no_grad():
-            if A is None:
-                nn.init.kaiming_uniform_(down.weight, a=math.sqrt(5))
-                nn.init.zeros_(up.weight)
-            else:
-                down.weight.copy_(A)
-                up.weight.copy_(B)
+    # ------------------------------------------------------------------ building
+
+    def _new_in_adapter(self) -> nn.Sequential:
+        w = self.base.weight
+        if self.in_adapter == "mlp":
+            return nn.Sequential(_linear(self.rank, self.in_hidden, True, w), _linear(self.in_hidden, self.rank, True, w))
+        return nn.Sequential(_linear(self.rank, self.rank, True, w))
+
+    def add_adapter(self, modality: str, A: torch.Tensor | None = None, B: torch.Tensor | None = None, *,
+                    init: bool = True) -> int:
+        """Adapter t and modality t's path (t = the number of adapters so far); returns t.
+
+        ``A`` / ``B``: the adapter's weights (the expert's LoRA), else LoRA's init. For t >= 1 the
+        path's gate (zero) and in-adapters (a copy of modality t-1's in-adapter of the same old
+        adapter, else fresh). ``init=False``: no values at all (they are loaded next).
+        """
+        if modality in self.modalities:
+            raise ValueError(f"PathWeave: {modality!r} already has a path")
+        w = self.base.weight
+        t = self.num_adapters
+        down = _linear(self.base.in_features, self.rank, False, w)
+        up = _linear(self.rank, self.base.out_features, False, w)
+        gate = noise = None
+        inner: dict[str, nn.Sequential] = {}
+        if t >= 1:
+            gate = _linear(self.base.in_features, t + 1, False, w)
+            noise = _linear(self.base.in_features, t + 1, False, w) if self.noisy else None
+            inner = {f"{j}_{t}": self._new_in_adapter() for j in range(t)}
+        if init:
+            with torch.no_grad():
+                if A is None:
+                    nn.init.kaiming_uniform_(down.weight, a=math.sqrt(5))
+                    nn.init.zeros_(up.weight)
+                else:
+                    down.weight.copy_(A)
+                    up.weight.copy_(B)
+                for lin in (gate, noise):
+                    if lin is not None:
+                        lin.weight.zero_()
+                for key, mod in inner.items():
+                    j = int(key.split("_")[0])
+                    prev = self.inner[f"{j}_{t - 1}"] if j < t - 1 else None
+                    for k, lin in enumerate(mod):
+                        if prev is not None:
+                            lin.weight.copy_(prev[k].weight)
+                            lin.bias.copy_(prev[k].bias)
+                        else:
+                            lin.weight.normal_(0.0, IN_ADAPTER_INIT_STD)
+                            lin.bias.zero_()
         self.down.append(down)
         self.up.append(up)
-        self._inner_of.append([])
-        gate = nn.Linear(self.base.in_features, self.num_adapters, bias=False, **self._dev())
-        with torch.no_grad():
-            gate.weight.zero_()
-            if self.gate is not None:
-                gate.weight[: self.gate.weight.shape[0]] = self.gate.weight
-        self.gate = gate
-        return self.num_adapters - 1
+        if gate is not None:
+            self.gate[str(t)] = gate
+            if noise is not None:
+                self.noise[str(t)] = noise
+        for key, mod in inner.items():
+            self.inner[key] = mod
+        self.modalities.append(modality)
+        self._groups = None
+        return t
 
-    def add_inner(self, j: int, k: int) -> nn.Module:
-        """Insert the in-adapter from modality k into adapter j (identity at init)."""
-        mod = nn.Sequential(nn.Linear(self.rank, self.in_rank, bias=False, **self._dev()),
-                            nn.Linear(self.in_rank, self.rank, bias=False, **self._dev()))
-        with torch.no_grad():
-            nn.init.kaiming_uniform_(mod[0].weight, a=math.sqrt(5))
-            nn.init.zeros_(mod[1].weight)
-        self.inner[f"{j}_{k}"] = mod
-        self._inner_of[j].append(f"{j}_{k}")
-        return mod
+    def path_parameters(self, t: int) -> list[nn.Parameter]:
+        """What modality t's stage trains: adapter t, its path's in-adapters and its gate."""
+        params = [self.down[t].weight, self.up[t].weight]
+        if t >= 1:
+            params.append(self.gate[str(t)].weight)
+            if str(t) in self.noise:
+                params.append(self.noise[str(t)].weight)
+            for j in range(t):
+                params += list(self.inner[f"{j}_{t}"].parameters())
+        return params
 
-    def gates(self, x: torch.Tensor) -> torch.Tensor:
-        """Per-token mixing weights [..., num_adapters], summing to 1."""
-        return F.softmax(self.gate(x).float(), dim=-1).to(x.dtype)
+    # ------------------------------------------------------------------ forward
+
+    def gates(self, t: int, x: torch.Tensor) -> torch.Tensor:
+        """Modality t's mixing weights [..., t + 1] (noisy in training mode; sum to one)."""
+        logits = self.gate[str(t)](x).float()
+        if self.training and self.noisy:
+            std = F.softplus(self.noise[str(t)](x).float()) + self.noise_epsilon
+            logits = logits + torch.randn_like(logits) * std
+        n = t + 1
+        if self.top_k is None or self.top_k >= n:
+            g = F.softmax(logits, dim=-1)
+        else:
+            top, idx = logits.topk(self.top_k, dim=-1)
+            g = torch.zeros_like(logits).scatter(-1, idx, F.softmax(top, dim=-1))
+        return g.to(x.dtype)
+
+    def path(self, t: int, x: torch.Tensor) -> torch.Tensor:
+        """What modality t's path adds to the base output for inputs ``x``."""
+        if t == 0:
+            return self.scaling * self.up[0](self.down[0](x))
+        g = self.gates(t, x)
+        out = None
+        for j in range(t + 1):
+            h = self.down[j](x)
+            if j < t:
+                h = self.inner[f"{j}_{t}"](h)
+            term = g[..., j:j + 1] * (self.scaling * self.up[j](h))
+            out = term if out is None else out + term
+        return out
+
+    def _route_groups(self, rows: int, device) -> list[tuple[int, torch.Tensor | None]]:
+        """[(path t, row indices or None for all rows)] of the batch being run."""
+        mods = self.route.get() if self.route is not None else None
+        if mods is None:
+            raise RuntimeError("PathWeave chooses each sample's path by its modality: run the LLM through "
+                               "MultimodalLM (embed / forward / generate), which records the batch's modalities")
+        if len(mods) != rows:
+            raise RuntimeError(f"PathWeave: the batch being run has {len(mods)} samples, the input {rows} rows")
+        cached = self._groups
+        if cached is not None and cached[0] is mods and cached[1] == device:
+            return cached[2]
+        index = {m: t for t, m in enumerate(self.modalities)}
+        by_path: dict[int, list[int]] = {}
+        for i, m in enumerate(mods):
+            t = index.get(m)
+            if t is not None:
+                by_path.setdefault(t, []).append(i)
+        if len(by_path) == 1 and len(next(iter(by_path.values()))) == rows:
+            groups = [(next(iter(by_path)), None)]
+        else:
+            groups = [(t, torch.tensor(r, dtype=torch.long, device=device)) for t, r in by_path.items()]
+        self._groups = (mods, device, groups)
+        return groups
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = self.base(x)
-        n = self.num_adapters
-        if n == 0:
+        if not self.modalities:
             return y
-        g = self.gates(x)
-        for j in range(n):
-            h = self.down[j](x)
-            if self._inner_of[j]:
-                h = h + sum(self.inner[key](h) for key in self._inner_of[j])
-            y = y + g[..., j:j + 1] * (self.scaling * self.up[j](h))
+        for t, idx in self._route_groups(x.shape[0], x.device):
+            if idx is None:
+                return y + self.path(t, x)
+            y = y.index_add(0, idx, self.path(t, x.index_select(0, idx)))
         return y
 
 
@@ -115,7 +278,8 @@ def wrapped_modules(llm: nn.Module) -> dict[str, PathWeaveLinear]:
     return {n: m for n, m in llm.named_modules() if isinstance(m, PathWeaveLinear)}
 
 
-def _install(llm: nn.Module, names: list[str], rank: int, scaling: float, in_rank: int) -> dict[str, PathWeaveLinear]:
+def _install(llm: nn.Module, names: list[str], rank: int, scaling: float, settings: dict,
+             route) -> dict[str, PathWeaveLinear]:
     """Replace each named ``nn.Linear`` of ``llm`` by a PathWeaveLinear around it."""
     modules = dict(llm.named_modules())
     out = {}
@@ -125,19 +289,24 @@ def _install(llm: nn.Module, names: list[str], rank: int, scaling: float, in_ran
             raise CheckpointError(f"PathWeave: the LLM has no linear module {name!r}")
         parent_name, _, attr = name.rpartition(".")
         parent = modules[parent_name] if parent_name else llm
-        wrapper = PathWeaveLinear(base, rank, scaling, in_rank)
+        wrapper = PathWeaveLinear(base, rank, scaling, route=route, **settings)
         setattr(parent, attr, wrapper)
         out[name] = wrapper
     return out
+
+
+def _settings(m: PathWeaveLinear) -> dict:
+    return {"in_adapter": m.in_adapter, "in_hidden": m.in_hidden, "top_k": m.top_k, "noise": m.noisy,
+            "noise_epsilon": m.noise_epsilon}
 
 
 def export_state(llm: nn.Module) -> tuple[dict, dict[str, torch.Tensor]]:
     """(layout description for the manifest, tensors for strategy.safetensors)."""
     mods = wrapped_modules(llm)
     any_mod = next(iter(mods.values()))
-    layout = {"kind": "pathweave", "rank": any_mod.rank, "scaling": any_mod.scaling, "in_rank": any_mod.in_rank,
-              "num_adapters": any_mod.num_adapters, "inner": sorted(any_mod.inner.keys()),
-              "modules": sorted(mods)}
+    layout = {"kind": "pathweave", "version": LAYOUT_VERSION, "rank": any_mod.rank, "scaling": any_mod.scaling,
+              **_settings(any_mod), "modalities": list(any_mod.modalities), "num_adapters": any_mod.num_adapters,
+              "inner": sorted(any_mod.inner.keys()), "modules": sorted(mods)}
     tensors = {}
     for name, m in mods.items():
         for pname, p in m.named_parameters():
@@ -147,15 +316,20 @@ def export_state(llm: nn.Module) -> tuple[dict, dict[str, torch.Tensor]]:
 
 
 @torch.no_grad()
-def install_from_state(llm: nn.Module, layout: dict, tensors: dict[str, torch.Tensor]) -> None:
-    """Rebuild the PathWeave modules of a saved stage on a (base) LLM and load their weights."""
-    mods = _install(llm, layout["modules"], layout["rank"], layout["scaling"], layout["in_rank"])
+def install_from_state(llm: nn.Module, layout: dict, tensors: dict[str, torch.Tensor], route=None) -> None:
+    """Rebuild the PathWeave modules of a saved stage on a (base) LLM and load their weights;
+    ``route``: the model's ``batch_modalities`` (by which each sample's path is chosen)."""
+    if layout.get("version") != LAYOUT_VERSION or "modalities" not in layout:
+        raise CheckpointError("the stage's PathWeave modules were saved by an older PathWeave (one shared gate, "
+                              "no per-modality paths); train the stage again")
+    settings = {k: layout[k] for k in ("in_adapter", "in_hidden", "top_k", "noise", "noise_epsilon")}
+    mods = _install(llm, layout["modules"], layout["rank"], layout["scaling"], settings, route)
     for m in mods.values():
-        for _ in range(layout["num_adapters"]):
-            m.add_adapter()
-        for key in layout["inner"]:
-            j, k = map(int, key.split("_"))
-            m.add_inner(j, k)
+        for modality in layout["modalities"]:
+            m.add_adapter(modality, init=False)
+        if sorted(m.inner.keys()) != sorted(layout["inner"]):
+            raise CheckpointError(f"PathWeave layout: in-adapters {layout['inner']} do not match "
+                                  f"its modalities {layout['modalities']}")
     for name, m in mods.items():
         for pname, p in m.named_parameters():
             if pname.startswith("base."):
@@ -170,18 +344,32 @@ def install_from_state(llm: nn.Module, layout: dict, tensors: dict[str, torch.Te
 
 
 class PathWeaveParams(StrictModel):
-    in_rank: int = Field(8, ge=1, description="rank of the in-adapters (the adapters use train.lora's rank)")
+    in_adapter: Literal["mlp", "linear"] = Field(
+        "mlp", description="the in-adapter: 'mlp' = Linear(r, in_rank) -> Linear(in_rank, r), no activation; "
+                           "'linear' = Linear(r, r) (r: train.lora's rank, the adapters' rank)")
+    in_rank: int | None = Field(None, ge=1, description="hidden width of the 'mlp' in-adapter; None: 2r, the original's")
+    top_k: int | None = Field(None, ge=1, description="adapters a token's gate keeps; None: all of its path (the "
+                                                      "original's k)")
+    noise: bool = Field(True, description="noisy gating in training (the original's); evaluation is deterministic")
+    noise_epsilon: float = Field(1e-2, gt=0, description="floor of the gate noise's scale (the original's)")
+
+    @model_validator(mode="after")
+    def _linear_has_no_width(self):
+        if self.in_adapter == "linear" and self.in_rank is not None:
+            raise ValueError("in_rank is the width of the 'mlp' in-adapter; a 'linear' in-adapter has none")
+        return self
 
 
 @register("strategy", "pathweave", PathWeaveParams, llm="own", whole_delta=True)
 class PathWeave(Strategy):
-    """PathWeave at stage k: a new adapter for the new modality, in-adapters from it into every
-    old (frozen) adapter, and the per-token gates; trained in step B instead of a LoRA."""
+    """PathWeave at stage t+1: adapter t for the new modality and its path (in-adapters into
+    every old, frozen adapter, and its own gate); trained in step B instead of a LoRA."""
 
     name = "pathweave"
 
     def adapter(self, ctx: StageContext) -> OwnModules:
         llm = ctx.model.llm
+        route = ctx.model.batch_modalities
         mods = wrapped_modules(llm)
         if not mods:  # the previous stage is the expert: its adapter becomes adapter 0
             prev = ctx.history.last_trained()
@@ -196,19 +384,25 @@ class PathWeave(Strategy):
             if len(scalings) != 1:
                 raise CheckpointError("PathWeave: the expert's adapter has several LoRA scalings")
             rank = next(iter(pairs.values()))["A"].shape[0]
-            mods = _install(llm, sorted(pairs), rank, scalings.pop() * coef, self.params.in_rank)
+            p = self.params
+            settings = {"in_adapter": p.in_adapter, "in_hidden": p.in_rank, "top_k": p.top_k, "noise": p.noise,
+                        "noise_epsilon": p.noise_epsilon}
+            mods = _install(llm, sorted(pairs), rank, scalings.pop() * coef, settings, route)
             for name, m in mods.items():
-                m.add_adapter(pairs[name]["A"], pairs[name]["B"])
+                m.add_adapter(ctx.seen[0], pairs[name]["A"], pairs[name]["B"])
+        known = list(next(iter(mods.values())).modalities)
+        if known != list(ctx.seen[:-1]):
+            raise CheckpointError(f"PathWeave: the model has paths for {known}, but this stage's earlier "
+                                  f"modalities are {list(ctx.seen[:-1])}")
         for p in llm.parameters():
             p.requires_grad_(False)
         torch.manual_seed(ctx.seed)
         params = []
         for m in mods.values():
-            k = m.add_adapter()
-            params += [m.down[k].weight, m.up[k].weight, m.gate.weight]
-            for j in range(k):
-                params += list(m.add_inner(j, k).parameters())
-        ctx.log["pathweave"] = {"adapters": next(iter(mods.values())).num_adapters, "modules": len(mods),
+            m.route = route
+            t = m.add_adapter(ctx.modality)
+            params += m.path_parameters(t)
+        ctx.log["pathweave"] = {"adapters": t + 1, "modalities": list(ctx.seen), "modules": len(mods),
                                 "trainable": sum(p.numel() for p in params)}
         return OwnModules(params)
 
