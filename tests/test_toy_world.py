@@ -1,5 +1,7 @@
 """The toy world: determinism, files on disk, the language, and media that match their labels."""
 
+import hashlib
+import json
 import os
 import re
 from pathlib import Path
@@ -14,7 +16,8 @@ from mera.data.format import load_dataset
 from mera.data.media import AudioClip, read_media
 from mera.errors import ConfigError
 
-SMALL = dict(n_train_caption=12, n_train_qa=12, n_test_caption=6, n_test_qa=6)
+SMALL = dict(n_train_caption=12, n_train_qa=12, n_test_caption=6, n_test_qa=6, n_val_caption=5, n_val_qa=5)
+SPLITS = ("train", "test", "val")
 
 
 def _files(root: Path) -> dict[str, bytes]:
@@ -38,9 +41,12 @@ def test_generate_is_deterministic_and_seed_dependent(modality):
     # prefix-stable: the first samples do not depend on how many are drawn
     longer = tw.generate(modality, "qa", "train", 8, seed=3)
     assert all(_media_equal(x.media, y.media) and x.answer == y.answer for x, y in zip(a, longer))
-    # train and test streams differ
+    # train, test and val streams differ
     t = tw.generate(modality, "qa", "test", 5, seed=3)
+    v = tw.generate(modality, "qa", "val", 5, seed=3)
     assert not any(_media_equal(x.media, y.media) for x, y in zip(a, t))
+    assert not any(_media_equal(x.media, y.media) for x, y in zip(a, v))
+    assert not any(_media_equal(x.media, y.media) for x, y in zip(t, v))
 
 
 def test_write_world_is_byte_identical_and_cached(tmp_path):
@@ -49,14 +55,15 @@ def test_write_world_is_byte_identical_and_cached(tmp_path):
     tw.write_world(tmp_path / "b", cfg)
     fa, fb = _files(tmp_path / "a"), _files(tmp_path / "b")
     assert fa == fb
-    assert len([k for k in fa if k.endswith(".json")]) == 17  # 16 sets + manifest
-    assert len(fa) == 17 + 36 * (1 + 4 + 1 + 1)  # 36 samples per modality; a video has 4 frame files
+    assert len([k for k in fa if k.endswith(".json")]) == 25  # 24 sets + manifest
+    assert len(fa) == 25 + 46 * (1 + 4 + 1 + 1)  # 46 samples per modality; a video has 4 frame files
     for m in MODALITIES:
         for t in ("caption", "qa"):
-            for s in ("train", "test"):
+            for s in SPLITS:
                 assert p1[m][t][s] == str((tmp_path / "a" / m / f"{t}_{s}.json").absolute())
                 assert os.path.isfile(p1[m][t][s])
     assert len([k for k in fa if k.startswith("video/media/caption_test/") and k.endswith(".png")]) == 6 * 4
+    assert len([k for k in fa if k.startswith("video/media/qa_val/") and k.endswith(".png")]) == 5 * 4
     # a second call with the same config rewrites nothing
     stamp = {k: (tmp_path / "a" / k).stat().st_mtime_ns for k in fa}
     tw.write_world(tmp_path / "a", cfg)
@@ -75,7 +82,7 @@ def test_files_round_trip_to_generated_values(tmp_path):
     paths = tw.write_world(tmp_path, cfg)
     for m in MODALITIES:
         for t in ("caption", "qa"):
-            for s in ("train", "test"):
+            for s in SPLITS:
                 loaded = load_dataset(paths[m][t][s])
                 gen = tw.generate(m, t, s, getattr(cfg, f"n_{s}_{t}"), cfg.seed, cfg)
                 assert len(loaded) == len(gen)
@@ -85,11 +92,67 @@ def test_files_round_trip_to_generated_values(tmp_path):
                     assert _media_equal(read_media(m, a.media), g.media)
 
 
+# What the train and test sets of SMALL at seed 1 were before the validation split existed (git
+# 2f7641f): the set files' bytes and the generated media, hashed. Adding "val" must change nothing.
+TRAIN_TEST_DIGEST = "c45aa0b476776aff41f71c817000f9dd79c2cebf4852dc159adeee856729fdf9"
+
+
+def _media_bytes(media) -> bytes:
+    a = media.waveform if isinstance(media, AudioClip) else media
+    return np.ascontiguousarray(a).tobytes()
+
+
+def test_train_and_test_sets_are_unchanged_by_the_validation_split(tmp_path):
+    cfg = tw.ToyWorldConfig(seed=1, **SMALL)
+    tw.write_world(tmp_path, cfg)
+    h = hashlib.sha256()
+    for m in MODALITIES:
+        for t in ("caption", "qa"):
+            for s in ("train", "test"):
+                h.update((tmp_path / m / f"{t}_{s}.json").read_bytes())
+                for x in tw.generate(m, t, s, getattr(cfg, f"n_{s}_{t}"), cfg.seed, cfg):
+                    h.update(_media_bytes(x.media))
+    assert h.hexdigest() == TRAIN_TEST_DIGEST
+    # the size of the validation split does not touch the other splits
+    other = tw.write_world(tmp_path / "b", tw.ToyWorldConfig(seed=1, **{**SMALL, "n_val_caption": 9, "n_val_qa": 1}))
+    for m in MODALITIES:
+        for t in ("caption", "qa"):
+            for s in ("train", "test"):
+                assert Path(other[m][t][s]).read_bytes() == (tmp_path / m / f"{t}_{s}.json").read_bytes()
+
+
+def test_validation_split_is_disjoint_from_train_and_test(tmp_path):
+    cfg = tw.ToyWorldConfig(seed=0)
+    assert (cfg.n_val_caption, cfg.n_val_qa) == (cfg.n_test_caption, cfg.n_test_qa) == (60, 60)
+    for m in MODALITIES:
+        seen_ids, seen_media = set(), set()
+        for t in ("caption", "qa"):
+            for s, n in (("train", 200), ("test", 60)):
+                for x in tw.generate(m, t, s, n, 0, cfg):
+                    seen_ids.add(x.id)
+                    seen_media.add(_media_bytes(x.media))
+        for t in ("caption", "qa"):
+            val = tw.generate(m, t, "val", 60, 0, cfg)
+            assert all(x.id.startswith(f"{m}_{t}_val_") for x in val)
+            assert not {x.id for x in val} & seen_ids
+            assert not {_media_bytes(x.media) for x in val} & seen_media
+    # on disk: own files, own media folders, no id or media file shared with train or test
+    paths = tw.write_world(tmp_path, tw.ToyWorldConfig(seed=2, **SMALL))
+    for m in MODALITIES:
+        ids = {s: {x.id for t in ("caption", "qa") for x in load_dataset(paths[m][t][s])} for s in SPLITS}
+        media = {s: {(tmp_path / m / "media" / f"{t}_{s}" / f.name).read_bytes()
+                     for t in ("caption", "qa") for f in (tmp_path / m / "media" / f"{t}_{s}").iterdir()} for s in SPLITS}
+        assert len(ids["val"]) == 10 and not ids["val"] & (ids["train"] | ids["test"])
+        assert media["val"] and not media["val"] & (media["train"] | media["test"])
+    manifest = json.loads((tmp_path / "manifest.json").read_text())
+    assert manifest["counts"]["image/caption_val"] == 5 and manifest["sets"]["audio"]["qa"]["val"] == "audio/qa_val.json"
+
+
 @pytest.mark.parametrize("modality", MODALITIES)
 def test_samples_are_well_formed(modality):
     heads = tw.attribute_heads(modality)
     for task in ("caption", "qa"):
-        for split in ("train", "test"):
+        for split in SPLITS:
             for s in tw.generate(modality, task, split, 40, seed=0):
                 assert set(s.attributes) == set(heads)
                 for k, v in s.attributes.items():
@@ -98,7 +161,8 @@ def test_samples_are_well_formed(modality):
                 assert s.answer in s.references
                 if task == "caption":
                     assert s.prompt == tw.CAPTION_PROMPTS[modality]
-                    if split == "test":
+                    if split in ("test", "val"):  # every template is a reference
+                        assert s.references == tw.all_captions(modality, s.attributes)
                         assert len(set(s.references)) >= 3
                     else:
                         assert s.references == [s.answer]
@@ -273,10 +337,15 @@ def test_attribute_heads_and_config():
         tw.attribute_heads("smell")
     with pytest.raises(ValidationError, match="n_train_qa"):
         tw.ToyWorldConfig(n_train_qa=0)
+    with pytest.raises(ValidationError, match="n_val_caption"):
+        tw.ToyWorldConfig(n_val_caption=0)
+    with pytest.raises(ConfigError, match="split"):
+        tw.generate("image", "qa", "dev", 1)
     with pytest.raises(ValidationError, match="unknown"):
         tw.ToyWorldConfig(unknown=1)
     assert tw.config_hash(tw.ToyWorldConfig()) == tw.config_hash(tw.ToyWorldConfig())
     assert tw.config_hash(tw.ToyWorldConfig()) != tw.config_hash(tw.ToyWorldConfig(image_noise=0.1))
+    assert tw.config_hash(tw.ToyWorldConfig()) != tw.config_hash(tw.ToyWorldConfig(n_val_qa=61))
 
 
 def test_show_writes_a_sheet(tmp_path):

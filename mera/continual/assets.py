@@ -169,10 +169,21 @@ def load_assets(cfg, config_dir: str | Path, *, cache_dir: str | Path | None = N
 
 
 def _load_data(a: Assets, set_paths: dict) -> None:
-    """The four sets of every branch (the toy world's written first when the config uses it)."""
+    """The sets of every branch (the toy world's written first when the config uses it): train,
+    test and, where given, validation. A run evaluating on the validation sets (``eval.split:
+    val``) needs them for every branch and never reads the test sets (left empty)."""
     from mera.data.pipeline import load_sets
 
     cfg = a.cfg
+    on_val = cfg.eval.split == "val"
+    if on_val:  # before anything is written or read
+        for m in cfg.model.branches:
+            p = set_paths.get(m)
+            if p is not None and not (p.get("caption_val") and p.get("qa_val")):
+                missing = " and ".join(k for k in ("caption_val", "qa_val") if not p.get(k))
+                raise ConfigError(f"data.sets.{m}: eval.split is 'val' but modality {m!r} has no validation "
+                                  f"sets ({missing} missing); give them or evaluate on the test sets "
+                                  "(eval.split=test)")
     if cfg.data.toy is not None:
         from mera.data.toy_world import ToyWorldConfig, write_world
         from mera.paths import zoo_home
@@ -183,12 +194,15 @@ def _load_data(a: Assets, set_paths: dict) -> None:
         for m in cfg.model.branches:
             if m not in set_paths:
                 p = paths[m]
-                set_paths[m] = {"caption_train": p["caption"]["train"], "caption_test": p["caption"]["test"],
-                                "qa_train": p["qa"]["train"], "qa_test": p["qa"]["test"]}
+                set_paths[m] = {f"{t}_{s}": p[t][s] for t in ("caption", "qa") for s in ("train", "test", "val")}
                 a.set_names[m] = (f"toy-{m}-caption", f"toy-{m}-qa")
+    skip = ("caption_test", "qa_test") if on_val else ()  # never read: the run evaluates on val
     for p in set_paths.values():
-        for k in ("caption_train", "caption_test", "qa_train", "qa_test"):
-            p[k] = a.resolve(p[k])
         p.pop("caption_name", None)
         p.pop("qa_name", None)
+        for k in list(p):
+            if p[k] is None or k in skip:
+                del p[k]
+            else:
+                p[k] = a.resolve(p[k])
     a.sets = load_sets({m: set_paths[m] for m in cfg.model.branches}, cfg.data.max_test)

@@ -69,12 +69,16 @@ class ModelConfig(StrictModel):
 
 
 class SetPaths(StrictModel):
-    """The four files of one modality: caption and QA sets, train and test (mera's JSON format)."""
+    """The files of one modality: caption and QA sets, train and test, and optionally validation
+    (mera's JSON format). The validation sets are what ``eval.split: val`` evaluates on (``mera
+    sweep`` chooses hyper-parameters on them, never on the test sets)."""
 
     caption_train: str
     caption_test: str
     qa_train: str
     qa_test: str
+    caption_val: str | None = None
+    qa_val: str | None = None
     caption_name: str | None = None  # the "dataset" column of scores.csv (default "<modality>-caption")
     qa_name: str | None = None
 
@@ -147,6 +151,10 @@ class EvalConfig(StrictModel):
     # options of the judge, e.g. {model: gpt-4o-mini, base_url: ..., api_key_env: OPENAI_API_KEY};
     # keys themselves are read from the environment only, never from a config
     judge_options: dict = Field(default_factory=dict)
+    # the sets every stage is evaluated on: test, or val (the validation sets: data.sets.<m>.caption_val /
+    # qa_val, or the toy world's val split), for choosing hyper-parameters; scores from val are written
+    # with the dataset name suffixed "-val" (e.g. toy-image-caption-val)
+    split: Literal["test", "val"] = "test"
 
 
 class RunConfig(StrictModel):

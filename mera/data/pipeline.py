@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -24,6 +24,8 @@ from mera.data.media import read_media
 from mera.errors import DataError
 from mera.io import atomic_path
 
+SET_KEYS = ("caption_train", "caption_test", "qa_train", "qa_test", "caption_val", "qa_val")
+
 
 @dataclass
 class ModalitySets:
@@ -31,18 +33,33 @@ class ModalitySets:
     caption_test: list[Sample]
     qa_train: list[Sample]
     qa_test: list[Sample]
+    # the validation sets (for choosing hyper-parameters, ``eval.split: val``); empty when absent
+    caption_val: list[Sample] = field(default_factory=list)
+    qa_val: list[Sample] = field(default_factory=list)
 
     @property
     def train(self) -> list[Sample]:
         """Step B's data: captions and QA together."""
         return self.caption_train + self.qa_train
 
+    def evaluation(self, split: str = "test") -> tuple[list[Sample], list[Sample]]:
+        """The (caption, QA) sets a model is evaluated on: ``split`` is ``test`` or ``val``."""
+        if split not in ("test", "val"):
+            raise ValueError(f"evaluation split must be 'test' or 'val', got {split!r}")
+        return getattr(self, f"caption_{split}"), getattr(self, f"qa_{split}")
+
 
 def load_sets(paths: dict[str, dict[str, str]], max_test: int | None = None) -> dict[str, ModalitySets]:
-    """``paths[modality]`` = {caption_train, caption_test, qa_train, qa_test} -> loaded, validated samples."""
+    """``paths[modality]`` = {caption_train, caption_test, qa_train, qa_test[, caption_val, qa_val]} ->
+    loaded, validated samples. A key that is absent gives an empty list (a run evaluating on the
+    validation sets leaves the test sets out: they are never read). ``max_test`` caps every
+    evaluation set (test and val)."""
     out = {}
     for modality, p in paths.items():
-        sets = {k: load_dataset(v) for k, v in p.items()}
+        unknown = [k for k in p if k not in SET_KEYS]
+        if unknown:
+            raise DataError(f"the {modality} sets: unknown set {', '.join(unknown)} (known: {', '.join(SET_KEYS)})")
+        sets = {k: load_dataset(v) for k, v in p.items() if v is not None}
         for key, samples in sets.items():
             if not samples:
                 raise DataError(f"{p[key]}: the {modality} {key.replace('_', ' ')} set is empty "
@@ -51,9 +68,10 @@ def load_sets(paths: dict[str, dict[str, str]], max_test: int | None = None) -> 
                 if s.modality != modality:
                     raise DataError(f"{p[key]}: sample {s.id!r} has modality {s.modality!r}, expected {modality!r}")
         if max_test is not None:
-            sets["caption_test"] = sets["caption_test"][:max_test]
-            sets["qa_test"] = sets["qa_test"][:max_test]
-        out[modality] = ModalitySets(**sets)
+            for key in ("caption_test", "qa_test", "caption_val", "qa_val"):
+                if key in sets:
+                    sets[key] = sets[key][:max_test]
+        out[modality] = ModalitySets(**{k: sets.get(k, []) for k in SET_KEYS})
     return out
 
 

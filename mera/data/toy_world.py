@@ -17,12 +17,19 @@ not perfect. Colours are shared by image, video and point; numbers by image and 
 question words by all (the interference the continual-learning setting needs).
 
 Text is lowercase words with punctuation as separate tokens. Captions come from four
-templates per modality; a train sample uses one at random, a test sample's ``references``
-hold all four renderings. :func:`text_instructions` gives text-only pairs that teach a
-tiny LM the toy language ("describe the image : big red circle , top left" -> a caption)
-and colour / shape questions about objects given in words; it never asks the
-modality-specific questions (position, size, count, direction, speed, pitch, timbre,
-proportions): the LLM must learn those at each modality's stage.
+templates per modality; a train sample uses one at random, a test or validation sample's
+``references`` hold all four renderings.
+
+Three splits: ``train``, ``test`` and ``val`` (the validation split, for choosing
+hyper-parameters without looking at the test split). Each (modality, task, split) set is
+drawn from its own random stream, so adding the validation split left the train and test
+sets byte-identical to the world of before, and the three splits share no sample.
+
+:func:`text_instructions` gives text-only pairs that teach a tiny LM the toy language
+("describe the image : big red circle , top left" -> a caption) and colour / shape
+questions about objects given in words; it never asks the modality-specific questions
+(position, size, count, direction, speed, pitch, timbre, proportions): the LLM must learn
+those at each modality's stage.
 """
 
 from __future__ import annotations
@@ -45,7 +52,8 @@ from mera.errors import ConfigError, DataError
 from mera.io import write_json
 
 WORLD_VERSION = "toy-world-1"
-SPLITS = ("train", "test")
+SPLITS = ("train", "test", "val")  # val: for choosing hyper-parameters (mera sweep)
+EVAL_SPLITS = ("test", "val")  # splits whose captions carry every template as references
 
 # ------------------------------------------------------------------------------ the language
 
@@ -169,6 +177,8 @@ class ToyWorldConfig(StrictModel):
     n_train_qa: int = Field(600, ge=1)
     n_test_caption: int = Field(60, ge=1)
     n_test_qa: int = Field(60, ge=1)
+    n_val_caption: int = Field(60, ge=1)  # the validation split (its own random stream; like test)
+    n_val_qa: int = Field(60, ge=1)
     n_points: int = Field(256, ge=32)
     image_size: int = Field(32, ge=16, le=256)
     video_frames: int = Field(4, ge=2, le=16)
@@ -555,14 +565,17 @@ def draw(modality: str, rng: np.random.Generator, cfg: ToyWorldConfig | None = N
 
 # ------------------------------------------------------------------------------ data sets
 
-_STREAM = {"caption": 1, "qa": 2, "train": 1, "test": 2}
+# the random stream of a set; never renumber (train and test must stay what they always were)
+_STREAM = {"caption": 1, "qa": 2, "train": 1, "test": 2, "val": 3}
 
 
 def generate(modality: str, task: str, split: str, n: int, seed: int = 0,
              cfg: ToyWorldConfig | None = None) -> list[ToySample]:
     """``n`` samples of one set, in memory. ``cfg`` gives sizes and noise (its seed and counts are unused).
 
-    Deterministic in (modality, task, split, seed, cfg); the first k samples do not depend on ``n``.
+    ``split`` is ``train``, ``test`` or ``val``; each (modality, task, split) has its own random
+    stream. Deterministic in (modality, task, split, seed, cfg); the first k samples do not
+    depend on ``n``.
     """
     if modality not in MODALITIES:
         raise ConfigError(f"unknown modality {modality!r}; known: {list(MODALITIES)}")
@@ -577,7 +590,7 @@ def generate(modality: str, task: str, split: str, n: int, seed: int = 0,
         if task == "caption":
             answer = caption(modality, a, int(rng.integers(len(TEMPLATES[modality]))))
             prompt = CAPTION_PROMPTS[modality]
-            refs = all_captions(modality, a) if split == "test" else [answer]
+            refs = all_captions(modality, a) if split in EVAL_SPLITS else [answer]
         else:
             question, answer = _question(modality, a, qtypes[int(rng.integers(len(qtypes)))], rng)
             prompt = f"{PLACEHOLDERS[modality]}\n{question}"
@@ -663,9 +676,10 @@ def write_world(out_dir: str | os.PathLike, cfg: ToyWorldConfig | None = None,
                 progress: bool = False) -> dict[str, dict[str, dict[str, str]]]:
     """Write the whole world under ``out_dir``; returns ``paths[modality][task][split]`` (absolute).
 
-    Layout: ``<modality>/<task>_<split>.json`` and ``<modality>/media/<task>_<split>/<index>.<ext>``
-    (video: ``<index>_f<k>.png`` per frame), then ``manifest.json`` last. Nothing is rewritten
-    when a manifest with the same config hash exists and every set file is there.
+    Layout: ``<modality>/<task>_<split>.json`` (split: train, test, val) and
+    ``<modality>/media/<task>_<split>/<index>.<ext>`` (video: ``<index>_f<k>.png`` per frame),
+    then ``manifest.json`` last. Nothing is rewritten when a manifest with the same config hash
+    exists and every set file is there.
     """
     cfg = cfg or ToyWorldConfig()
     out = Path(out_dir).absolute()
