@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 from micro import micro_config
 
@@ -57,11 +58,9 @@ def _digest(out: Path) -> dict:
             for p in sorted(out.rglob("predictions.jsonl"))}
 
 
-def test_micro_run_scores_and_predictions_are_byte_identical_to_the_golden_files(micro_assets, tmp_path):
-    fingerprint = machine_fingerprint()
-    if not os.environ.get("MERA_WRITE_GOLDEN") and fingerprint != (DATA / "golden_fingerprint.txt").read_text().strip():
-        pytest.skip("this machine's float kernels differ from those the golden files were taken on "
-                    "(tests/data/golden_fingerprint.txt); byte identity cannot be checked here")
+@pytest.fixture(scope="module")
+def golden_run(micro_assets, tmp_path_factory):
+    tmp_path = tmp_path_factory.mktemp("golden")
     cfg = micro_config(micro_assets, tmp_path, methods=GOLDEN_METHODS)
     data = yaml.safe_load(cfg.read_text())  # three stages: a third adapter, CMA at 1/3, EWC's saved Fisher
     data["model"]["branches"]["video"] = {"encoder": {"family": "toy_video", "path": str(micro_assets / "image")}}
@@ -72,6 +71,44 @@ def test_micro_run_scores_and_predictions_are_byte_identical_to_the_golden_files
     r = subprocess.run([sys.executable, "-m", "mera", "run", str(cfg), "--out", str(out), "--quiet"],
                        capture_output=True, text=True, env=env)
     assert r.returncode == 0, r.stderr[-3000:]
+    return out, yaml.safe_load(cfg.read_text())
+
+
+def test_methods_that_train_the_same_llm_train_it_identically(golden_run):
+    """Seeds come from the run seed, the order and the stage, not the method's name: realign never
+    changes what the LLM trains on, so Fine-Tuning and Realign only have bit-identical LLMs at every
+    stage, and so do Merge only, MERA (1%) and MERA (10%); Fine-Tuning and Merge only differ."""
+    from transformers import AutoModelForCausalLM
+
+    from mera.continual import checkpoint as ckpt
+
+    out, cfg = golden_run
+
+    def llm(method, i, modality):
+        model = AutoModelForCausalLM.from_pretrained(cfg["model"]["llm"])
+        ckpt.apply_stage_llm(model, out / "sequential" / method / f"stage_{i}_{modality}")
+        return model.state_dict()
+
+    def same(a, b):
+        return all(torch.equal(a[k], b[k]) for k in a)
+
+    for i, m in ((2, "point"), (3, "video")):
+        ft, ro = llm("fine-tuning", i, m), llm("realign-only", i, m)
+        mo, m1, m10 = llm("merge-only", i, m), llm("mera-1", i, m), llm("mera-10", i, m)
+        assert same(ft, ro) and same(mo, m1) and same(mo, m10), i
+        assert not same(ft, mo)  # the merge does change the LLM
+    # realign does change the connectors: the trajectories differ there, as they should
+    a = ckpt.load_connectors(out / "sequential/fine-tuning/stage_3_video")["image"]
+    b = ckpt.load_connectors(out / "sequential/realign-only/stage_3_video")["image"]
+    assert any(not torch.equal(a[k], b[k]) for k in a)
+
+
+def test_micro_run_scores_and_predictions_are_byte_identical_to_the_golden_files(golden_run):
+    fingerprint = machine_fingerprint()
+    if not os.environ.get("MERA_WRITE_GOLDEN") and fingerprint != (DATA / "golden_fingerprint.txt").read_text().strip():
+        pytest.skip("this machine's float kernels differ from those the golden files were taken on "
+                    "(tests/data/golden_fingerprint.txt); byte identity cannot be checked here")
+    out, _ = golden_run
     scores, preds = (out / "scores.csv").read_bytes(), _digest(out)
     if os.environ.get("MERA_WRITE_GOLDEN"):
         (DATA / "golden_micro_scores.csv").write_bytes(scores)

@@ -80,16 +80,16 @@ class HalfParsedJudge:
         return [None if i % 3 == 2 else float(p == a[0]) for i, (a, p) in enumerate(zip(answers, predictions))]
 
 
-def test_unparseable_judgements_are_excluded_and_counted():
-    # items 0,1 judged (1.0, 0.0), item 2 unparseable, items 3,4 judged (1.0, 1.0):
-    # accuracy = (1 + 0 + 1 + 1) / 4 = 0.75, unparseable = 1
+def test_unparseable_judgements_count_as_wrong_and_are_counted():
+    # items 0,1 judged (1.0, 0.0), item 2 unparseable (wrong), items 3,4 judged (1.0, 1.0):
+    # accuracy = (1 + 0 + 0 + 1 + 1) / 5 = 0.6, unparseable = 1 (the old rule, over the parsed ones: 0.75)
     answers = [["x"], ["y"], ["z"], ["w"], ["v"]]
     predictions = ["x", "nope", "z", "w", "v"]
     result = judge_qa(HalfParsedJudge(), ["q"] * 5, answers, predictions)
-    assert result.accuracy == pytest.approx(0.75)
+    assert result.accuracy == pytest.approx(0.6)
     assert (result.num_items, result.num_judged, result.num_unparseable) == (5, 4, 1)
     assert result.scores == (1.0, 0.0, None, 1.0, 1.0)
-    assert qa_accuracy(HalfParsedJudge(), ["q"] * 5, answers, predictions) == pytest.approx(0.75)
+    assert qa_accuracy(HalfParsedJudge(), ["q"] * 5, answers, predictions) == pytest.approx(0.6)
 
 
 def test_registry():
@@ -169,8 +169,8 @@ def test_input_errors():
         qa_accuracy(NoneJudge(), ["q"], [["a"]], ["a"])
 
 
-def test_evaluation_counts_unparseable_judgements_and_never_scores_them():
-    """A judge that cannot parse some replies: accuracy over the parsed ones, the rest counted."""
+def test_evaluation_counts_unparseable_judgements_as_wrong():
+    """A judge that cannot parse some replies: they count as wrong, and are counted."""
     from types import SimpleNamespace
 
     from mera.eval.evaluate import _score
@@ -184,6 +184,6 @@ def test_evaluation_counts_unparseable_judgements_and_never_scores_them():
     qa = [SimpleNamespace(id=f"q{i}", prompt=f"question {i}", references=[r], answer=r)
           for i, r in enumerate(["red", "blue", "two", "cube"])]
     rows, ex = _score("image", [], qa, [], ["red", "???", "three", "cube"], HalfParsed(), ("c", "q"))
-    assert rows == [{"modality": "image", "dataset": "q", "task": "qa", "score": round(2 / 3, 4)}]
+    assert rows == [{"modality": "image", "dataset": "q", "task": "qa", "score": round(2 / 4, 4)}]
     assert ex["qa_unparseable"] == 1
     assert [p["judgement"] for p in ex["predictions"]] == [1.0, None, 0.0, 1.0]

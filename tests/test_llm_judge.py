@@ -256,7 +256,7 @@ def test_openai_judge_scores_parses_and_caches(endpoint, key_env, tmp_path):
     result = judge_qa(judge, qs, ans, preds)
     assert list(result.scores) == expected
     assert result.num_unparseable == 1 and result.num_judged == 5
-    assert result.accuracy == pytest.approx(4 / 5)
+    assert result.accuracy == pytest.approx(4 / 6)  # the unparseable one counts as wrong
     assert endpoint.total == 5  # the duplicate was asked once
     assert (judge.stats.requests, judge.stats.cache_hits, judge.stats.unparseable) == (5, 1, 1)
     assert judge.stats.retries == 0

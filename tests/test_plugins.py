@@ -41,7 +41,7 @@ def test_legacy_shorthands_become_plugin_parameters():
     m = _method(strategies=["replay", "realign"], replay_ratio=0.1, realign_ratio=0.05)
     assert m.strategies == [{"name": "replay", "ratio": 0.1}, {"name": "realign", "ratio": 0.05}]
     m = _method(strategies=["ewc"], ewc_lambda=10, fisher_ratio=0.05)
-    assert m.strategies == [{"name": "ewc", "lam": 10.0, "fisher_ratio": 0.05}]
+    assert m.strategies == [{"name": "ewc", "lam": 10.0, "gamma": 1.0, "fisher_ratio": 0.05, "adapter": "continue"}]
     # defaults are the first release's: replay_ratio 0.1 for replay and realign
     assert _method(strategies=["finetune", "realign"]).strategies[1] == {"name": "realign", "ratio": 0.1}
     # the new form, with an explicit parameter winning over a shorthand
@@ -59,7 +59,7 @@ def test_legacy_shorthands_become_plugin_parameters():
     (["ewc", "pathweave"], ["ewc and pathweave both decide how step B trains the LLM"]),
     (["realign", "realign"], ["realign listed twice"]),
     ([{"name": "realign", "ratio": 0}], ["ratio", "greater than 0"]),
-    ([{"name": "ewc", "lambda": 3}], ["lambda: unknown key", "known keys: lam, fisher_ratio"]),
+    ([{"name": "ewc", "lambda": 3}], ["lambda: unknown key", "known keys: lam, gamma, fisher_ratio, adapter"]),
     ([{"ratio": 0.1}], ["has no name"]),
     (["finetun"], ["unknown strategy 'finetun'", "did you mean 'finetune'"]),
 ])

@@ -224,7 +224,9 @@ def test_realign_pairs_and_ablation_rows():
     from mera.eval.report import ablation_rows, realign_pairs
 
     methods = ["Fine-Tuning", "Realign only", "Replay (1%)", "replay (1%)+realign", "EWC", "Merge only", "MERA (10%)"]
-    assert realign_pairs(methods) == [("Fine-Tuning", "Realign only"), ("Replay (1%)", "replay (1%)+realign")]
+    assert realign_pairs(methods) == [("Fine-Tuning", "Realign only"), ("Replay (1%)", "replay (1%)+realign"),
+                                      ("Merge only", "MERA (10%)")]  # realign added to the merge is MERA
+    assert ("Merge only", "MERA (1%)") not in realign_pairs(["Merge only", "MERA (1%)"])  # Table 5: 10% only
     assert ablation_rows(methods) == [("Fine-Tuning", False, False), ("Realign only", False, True),
                                       ("Merge only", True, False), ("MERA (10%)", True, True)]
     assert ablation_rows(["Fine-Tuning", "MERA (10%)"]) == []  # no ablation ran: no table

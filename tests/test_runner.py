@@ -167,7 +167,7 @@ def test_pathweave_keeps_the_expert_adapter_and_its_modules(micro_run):
     # the new adapter, its in-adapter and the gate did train
     assert any(state[f"pathweave.{n}.up.1.weight"].abs().max() > 0 for n in linear)
     assert any(state[f"pathweave.{n}.inner.0_1.1.weight"].abs().max() > 0 for n in linear)
-    assert any(state[f"pathweave.{n}.gate.weight"].abs().max() > 0 for n in linear)
+    assert any(state[f"pathweave.{n}.gate.1.weight"].abs().max() > 0 for n in linear)  # the point modality's gate
 
 
 def test_realign_changes_only_connector_weights(micro_run):
@@ -258,7 +258,8 @@ def test_efficiency_table_and_pathweave_inference_overhead(micro_run):
         assert e["train_seconds"] > 0 and e["train_peak_mib"] > 0 and e["infer_ms_per_token"] > 0, name
     prof = json.loads((out / "sequential/pathweave/stage_2_point/profile.json").read_text())
     assert prof["samples"] == 4 and prof["tokens"] == 4 * cfg.eval.max_new_tokens  # fixed length, batch 1
-    # MERA's final model has the plain LLM's size; PathWeave keeps two adapters and gates per linear module
+    # MERA's final model has the plain LLM's size; PathWeave keeps per linear module two adapters, the point
+    # path's gate and noise scale (2 x in each) and its in-adapter into adapter 0 (r -> h -> r, biases; h = in_rank 2)
     assert eff["MERA (10%)"]["llm_params_m"] == eff["Fine-Tuning"]["llm_params_m"]
     from transformers import AutoModelForCausalLM
 
@@ -266,8 +267,8 @@ def test_efficiency_table_and_pathweave_inference_overhead(micro_run):
     extra = 0
     for n, m in llm.named_modules():
         if isinstance(m, torch.nn.Linear) and n != "lm_head":
-            r, i, o = 4, m.in_features, m.out_features
-            extra += 2 * (r * i + o * r) + 2 * i + (2 * r + 2 * r)  # adapters, gate (2 x in), in-adapter (r->2->r)
+            r, h, i, o = 4, 2, m.in_features, m.out_features
+            extra += 2 * (r * i + o * r) + 2 * i + 2 * i + (r * h + h) + (h * r + r)
     assert eff["PathWeave"]["llm_params_m"] * 1e6 == pytest.approx(eff["Fine-Tuning"]["llm_params_m"] * 1e6 + extra)
     md = (out / "report.md").read_text()
     assert "## Efficiency" in md and "| PathWeave |" in md

@@ -76,6 +76,7 @@ def test_farthest_point_sampling_spreads_out():
     assert d.min() > dr.min()  # FPS centres are farther apart than random ones
 
 
+@pytest.mark.slow
 def test_pretraining_learns_saves_and_loads(tmp_path):
     summary = zoo_encoders.pretrain_toy_encoders(tmp_path, tw.ToyWorldConfig(), seed=0, progress=False, recipes=TEST_RECIPES)
     assert set(summary) == {"image", "audio", "point"}

@@ -112,6 +112,7 @@ def test_encode_pair_masks_everything_but_the_answer(tok):
 # ---------------------------------------------------------------- LM pre-training
 
 
+@pytest.mark.slow
 def test_lm_learns_held_out_prompts_and_reloads(tok, tmp_path):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -308,6 +309,7 @@ def test_interrupted_build_leaves_no_zoo(zb, zoo_env):
     assert not dead.exists()
 
 
+@pytest.mark.slow
 def test_default_toy_lm_answers_text_only_toy_questions(tmp_path):
     """The zoo's real LM recipe (default LMConfig, the toy world's text instructions).
 

@@ -3,8 +3,12 @@
     train (align, instruct; the method's strategies) -> fold (its merge rule) -> after-stage
     hooks (realign) -> checkpoint -> evaluate every modality seen so far -> scores.csv
 
-Seeds are derived from (run seed, what is being trained), never from what ran before, so a
-resumed run trains exactly what an uninterrupted one would.
+Seeds are derived from (run seed, order, stage, phase), never from the method's name or from
+what ran before: a resumed run trains exactly what an uninterrupted one would, and two methods
+that train the same thing (the same parent model on the same data) train it identically, so
+their difference is the methods' and not the seeds' (Fine-Tuning and Realign only have the same
+LLM at every stage; so do Merge only and MERA; the copies of a ``mera sweep`` differ only in the
+swept value).
 
 Several processes (``torchrun`` / ``accelerate launch``, docs/distributed.md) run the same loop
 together: every process trains every stage (each micro-batch split across them, see
@@ -26,6 +30,7 @@ from mera import dist
 from mera.continual import checkpoint as ckpt
 from mera.continual.assets import connector_states, load_assets, seed_for
 from mera.continual.methods import build_method
+from mera.continual.replay import ReplayMemory
 from mera.continual.rundir import RunDir, Unit
 from mera.continual.stages import load_stage
 from mera.continual.training import make_context, train_stage
@@ -61,6 +66,8 @@ class StageLoop:
     def setup(self) -> None:
         self.assets = load_assets(self.cfg, self.config_dir, cache_dir=self.dir.features_dir,
                                   progress=self.progress, threads=self.threads)
+        self.memory = ReplayMemory(self.assets.sets, self.cfg.seed,
+                                   record_dir=self.dir.out / "replay_memory" if self.main else None)
 
     # ------------------------------------------------------------------ the run
     def run(self) -> Path:
@@ -146,7 +153,7 @@ class StageLoop:
                 model = load_stage(self.assets, folder) if len(order) > 1 else None
             else:
                 ctx = self._context(model, order_name, method.name, i, m, order[:i],
-                                    seed_for(self.cfg.seed, order_name, method.name, i), prev, folder)
+                                    seed_for(self.cfg.seed, order_name, i), prev, folder)
                 with Cost(dist.world_size()) as cost:
                     folds, trained = train_stage(self.assets, ctx, strategies, merge)
                     for s in strategies:
@@ -169,7 +176,7 @@ class StageLoop:
     def _context(self, model, order, method, stage, modality, seen, seed, parent, folder):
         return make_context(self.assets, model, order=order, method=method, stage=stage, modality=modality,
                             seen=seen, seed=seed, parent=parent, steps_dir=self.dir.steps_dir(folder),
-                            progress=self.progress)
+                            progress=self.progress, memory=self.memory)
 
     def _start(self, folder: Path) -> None:
         if self.main:
@@ -186,30 +193,36 @@ class StageLoop:
         dist.barrier()  # the stage is DONE (and loadable) for every process
 
     def evaluate(self, model, modalities: list[str], folder: Path) -> list[dict]:
-        """Evaluate every modality in ``modalities``; predictions go to ``folder/predictions.jsonl``."""
+        """Evaluate every modality in ``modalities`` on the sets of ``eval.split`` (test, or val: the
+        validation sets, whose rows get the dataset name suffixed ``-val`` so that they can never be
+        taken for test scores); predictions go to ``folder/predictions.jsonl``."""
         from mera.eval.evaluate import evaluate_modality
 
         a, rows, preds = self.assets, [], []
+        split = self.cfg.eval.split
         for m in modalities:
-            r, ex = evaluate_modality(model, a.tokenizer, m, a.sets[m].caption_test, a.sets[m].qa_test, a.provider,
+            captions, qa = a.sets[m].evaluation(split)
+            names = a.set_names[m] if split == "test" else tuple(f"{n}-{split}" for n in a.set_names[m])
+            r, ex = evaluate_modality(model, a.tokenizer, m, captions, qa, a.provider,
                                       a.judge, self.cfg.eval.batch_size, self.cfg.eval.max_new_tokens,
-                                      a.set_names[m], self.progress)
+                                      names, self.progress)
             rows += r
             preds += [{"modality": m, **p} for p in ex["predictions"]]
             shown = ", ".join(f"{x['task']} {x['score']:.3g}" for x in r)
             if ex.get("qa_unparseable"):
-                shown += f" ({ex['qa_unparseable']} QA judgements unparseable, not scored)"
+                shown += f" ({ex['qa_unparseable']} QA judgements unparseable, counted as wrong)"
             self.log(f"    eval {m:6s} {shown}   e.g. {ex.get('caption', [('', '')])[0][1]!r}")
         if self.main:
             write_text(folder / "predictions.jsonl", "".join(json.dumps(p) + "\n" for p in preds))
         return rows
 
     def profile(self, model, modalities: list[str], folder: Path) -> dict:
-        """Inference cost of a final model (batch 1, 2 test prompts per modality): ``profile.json``."""
+        """Inference cost of a final model (batch 1, 2 prompts per modality from the evaluation sets of
+        ``eval.split``): ``profile.json``."""
         from mera.eval.profile import profile_inference
 
         a = self.assets
-        samples = [s for m in modalities for s in (a.sets[m].caption_test[:1] + a.sets[m].qa_test[:1])]
+        samples = [s for m in modalities for ss in a.sets[m].evaluation(self.cfg.eval.split) for s in ss[:1]]
         prof = profile_inference(model, a.tokenizer, samples, a.provider, new_tokens=self.cfg.eval.max_new_tokens)
         write_text(folder / "profile.json", json.dumps(prof, indent=2) + "\n")
         self.log(f"    inference: {prof['ms_per_token']:.2f} ms/token (batch 1), peak {prof['peak_mib']:.0f} MiB "

@@ -44,7 +44,7 @@ def profile_run(run_dir: str | Path, rounds: int = 3, config_dir: str | Path | N
     finals = {k: v for k, v in finals.items() if ckpt.is_done(v)}
     if not finals:
         raise ConfigError(f"{run}: no method has finished its last stage in order {order_name!r}")
-    samples = [s for m in order for s in (assets.sets[m].caption_test[:1] + assets.sets[m].qa_test[:1])]
+    samples = [s for m in order for part in assets.sets[m].evaluation(cfg.eval.split) for s in part[:1]]
     names = list(finals)
     runs: dict[str, list[dict]] = {k: [] for k in names}
     for r in range(rounds):

@@ -17,6 +17,7 @@ from pathlib import Path
 from mera.continual.assets import Assets, seed_for
 from mera.continual.checkpoint import ChainView
 from mera.continual.deltas import Delta
+from mera.continual.replay import ReplayMemory
 from mera.continual.strategies import Continue, InstructStep, OwnModules, StageContext
 from mera.data.pipeline import ItemDataset
 from mera.model.collate import MultimodalCollator
@@ -63,7 +64,8 @@ def run_phase(assets: Assets, model, groups: list[dict], samples, phase: str, se
 
 
 def make_context(assets: Assets, model, *, order: str, method: str, stage: int, modality: str, seen: list[str],
-                 seed: int, parent: Path | None, steps_dir: Path | None, progress: bool) -> StageContext:
+                 seed: int, parent: Path | None, steps_dir: Path | None, progress: bool,
+                 memory: ReplayMemory | None = None) -> StageContext:
     """The narrow view a stage's strategies get (model, data, a phase trainer, the parent chain)."""
     def train(params, samples, phase: str, extra_loss=None) -> PhaseResult:
         if params and not isinstance(params[0], dict):  # a plain parameter list: the phase's connector lr
@@ -75,9 +77,10 @@ def make_context(assets: Assets, model, *, order: str, method: str, stage: int, 
     def batch(samples):
         return MultimodalCollator(assets.tokenizer, model, train=True)([assets.provider.item(s) for s in samples])
 
+    memory = memory or ReplayMemory(assets.sets, assets.cfg.seed)
     return StageContext(model=model, order=order, method=method, stage=stage, modality=modality, seen=seen,
-                        seed=seed, train=train, data=lambda m: assets.sets[m].train, batch=batch,
-                        history=ChainView(parent))
+                        seed=seed, train=train, data=lambda m: assets.sets[m].train, replay=memory.samples,
+                        batch=batch, history=ChainView(parent))
 
 
 def _sum_losses(losses):

@@ -89,7 +89,7 @@ def _score(modality: str, caption_test: list[Sample], qa_test: list[Sample], cap
         preds = qa_preds
         questions = [s.prompt for s in qa_test]
         judged = judge_qa(judge, questions, [s.references for s in qa_test], preds)
-        # accuracy over the judgements that could be parsed; the others are counted, never scored
+        # accuracy over every item: an unparseable judgement counts as wrong (and is counted)
         rows.append({"modality": modality, "dataset": names[1], "task": "qa", "score": round(judged.accuracy, 4)})
         examples["qa"] = [(s.answer, p) for s, p in zip(qa_test[:3], preds[:3])]
         examples["qa_unparseable"] = judged.num_unparseable

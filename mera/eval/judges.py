@@ -163,7 +163,9 @@ def get_judge(name: str, **opts) -> Judge:
 
 @dataclass(frozen=True)
 class QAResult:
-    """``accuracy`` = mean of the non-None judgements (denominator ``num_judged``)."""
+    """``accuracy`` = sum of the judgements / ``num_items``: an unparseable judgement (None) counts as
+    wrong (0), so a judge that cannot answer can never raise the accuracy; ``num_unparseable`` is
+    reported beside it."""
 
     accuracy: float
     num_items: int
@@ -186,7 +188,7 @@ def _check_lengths(questions: Sequence, answers: Sequence, predictions: Sequence
 def judge_qa(
     judge: Judge, questions: list[str], answers: list[list[str]], predictions: list[str]
 ) -> QAResult:
-    """Judge every item; accuracy = (sum of non-None scores) / (number of non-None scores)."""
+    """Judge every item; accuracy = (sum of non-None scores) / (number of items): unparseable = wrong."""
     _check_lengths(questions, answers, predictions)
     if not predictions:
         raise DataError("no QA items to judge")
@@ -196,13 +198,13 @@ def judge_qa(
     judged = [float(s) for s in scores if s is not None]
     if not judged:
         raise DataError(f"judge {judge.name!r} could not parse any of its {len(scores)} judgements")
-    return QAResult(sum(judged) / len(judged), len(scores), len(judged), len(scores) - len(judged), tuple(scores))
+    return QAResult(sum(judged) / len(scores), len(scores), len(judged), len(scores) - len(judged), tuple(scores))
 
 
 def qa_accuracy(
     judge: Judge, questions: list[str], answers: list[list[str]], predictions: list[str]
 ) -> float:
-    """Accuracy in [0, 1]: the mean judgement over the items the judge could parse.
+    """Accuracy in [0, 1]: the mean judgement over all items (an unparseable judgement counts as wrong).
 
     Use :func:`judge_qa` to also get the number of unparseable judgements.
     """

@@ -88,8 +88,9 @@ FINETUNE_NAMES = ("fine-tuning", "finetune", "fine tuning", "ft")
 
 def realign_pairs(methods: Sequence[str]) -> list[tuple[str, str]]:
     """``(X, X + realign)`` for each method X whose name followed by "+ realign" is also a method
-    (case and spacing ignored), and (fine-tuning, "Realign only") when both are present:
-    realign added to fine-tuning is the realign-only ablation."""
+    (case and spacing ignored), (fine-tuning, "Realign only") and ("Merge only", "MERA (10%)") when
+    both are present: realign added to fine-tuning is the realign-only ablation, and added to the
+    merge it is MERA (the paper's Table 5 pairs realign on 10% with each method)."""
     def key(name: str) -> str:  # case and the spacing around "+" ignored
         return _norm(name).replace(" +", "+").replace("+ ", "+")
 
@@ -103,6 +104,9 @@ def realign_pairs(methods: Sequence[str]) -> list[tuple[str, str]]:
     ft = next((by[n] for n in FINETUNE_NAMES if n in by), None)
     if ro and ft and not any(a == ft for a, _ in pairs):
         pairs.insert(0, (ft, ro))
+    mo, mera10 = by.get("merge only"), by.get("mera (10%)")
+    if mo and mera10 and not any(a == mo for a, _ in pairs):
+        pairs.append((mo, mera10))
     return pairs
 
 

@@ -73,7 +73,10 @@ class StageContext:
     # train(params or param groups, samples, phase) -> PhaseResult: one phase with the recipe of
     # train.<phase> (its batch size, epochs, schedule; a plain parameter list gets its lr_connector)
     train: Callable[..., "PhaseResult"]
-    data: Callable[[str], list["Sample"]]  # training samples of a modality (the replay rules: METHOD.md)
+    data: Callable[[str], list["Sample"]]  # training samples of a modality: the current one's (step B's data)
+    # replay(modality, r): the r% replay memory of a modality, drawn once per run and modality
+    # (mera.continual.replay): all a strategy may use of an earlier modality's data
+    replay: Callable[[str, float], list["Sample"]]
     batch: Callable[[list["Sample"]], dict]  # a training batch of samples (features, tokens, labels)
     history: "object | None" = None  # the parent chain: mera.continual.checkpoint.ChainView
     log: dict = field(default_factory=dict)  # what the hooks did (goes into the stage manifest)

@@ -1,13 +1,11 @@
-"""MERA's realign: train all connectors on R_i = r% of D_1..D_i (current modality included,
-captions and QA mixed), with the LLM and the encoders frozen."""
+"""MERA's realign: train all connectors on R_i = the r% replay memories of D_1..D_i (the current
+modality's included, captions and QA mixed), with the LLM and the encoders frozen."""
 
-import numpy as np
 from pydantic import Field
 
 from mera.config.base import StrictModel
 from mera.config.registry import register
 from mera.continual.strategies import Strategy
-from mera.data.pipeline import sample_fraction
 
 
 class RealignParams(StrictModel):
@@ -19,15 +17,12 @@ class Realign(Strategy):
     name = "realign"
 
     def replay_set(self, ctx):
-        rng = np.random.default_rng(ctx.seed)
-        samples = []
-        for m in ctx.seen:
-            samples += sample_fraction(ctx.data(m), self.params.ratio, rng)
-        return samples
+        return [s for m in ctx.seen for s in ctx.replay(m, self.params.ratio)]
 
     def after_stage(self, ctx):
         samples = self.replay_set(ctx)
         res = ctx.train(ctx.model.connector_parameters(), samples, "realign")
-        ctx.log["realign"] = {"samples": len(samples), "steps": res.steps, "seconds": round(res.seconds, 2),
+        ctx.log["realign"] = {"samples": len(samples), "ratio": self.params.ratio, "steps": res.steps,
+                              "seconds": round(res.seconds, 2),
                               "loss_first": res.losses[0] if res.losses else None,
                               "loss_last": res.losses[-1] if res.losses else None}

@@ -1,13 +1,12 @@
-"""Replay (r%): step B trains on D_i plus an r% sample of each previous modality's data
-(captions and QA mixed); the old connectors receive gradients from their replayed samples."""
+"""Replay (r%): step B trains on D_i plus the r% replay memory of each previous modality
+(captions and QA mixed, drawn once per modality: mera.continual.replay); the old connectors
+receive gradients from their replayed samples."""
 
-import numpy as np
 from pydantic import Field
 
 from mera.config.base import StrictModel
 from mera.config.registry import register
 from mera.continual.strategies import Strategy
-from mera.data.pipeline import sample_fraction
 
 
 class ReplayParams(StrictModel):
@@ -19,11 +18,8 @@ class Replay(Strategy):
     name = "replay"
 
     def prepare_instruct(self, ctx, step):
-        rng = np.random.default_rng([ctx.seed, 7])
-        samples = []
-        for m in ctx.seen[:-1]:
-            samples += sample_fraction(ctx.data(m), self.params.ratio, rng)
-        ctx.log["replay"] = {"samples": len(samples)}
+        samples = [s for m in ctx.seen[:-1] for s in ctx.replay(m, self.params.ratio)]
+        ctx.log["replay"] = {"samples": len(samples), "ratio": self.params.ratio}
         step.data += samples
         params = [p for m in ctx.seen[:-1] for p in ctx.model.connector_parameters(m)]
         if params:
