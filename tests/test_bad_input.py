@@ -228,7 +228,7 @@ BAD_OVERRIDES = {
                                             ["data.sets", "no data for modality 'audio'"]),
     "empty order": (["orders.seq=[]"], ["orders.seq", "non-empty list of distinct modalities"]),
     "unknown strategy": (["methods.0.strategies=[finetun]"],
-                         ["methods.0.strategies", "unknown strategy 'finetun'", "known: cma, ewc, finetune, merge"]),
+                         ["methods.0.strategies", "unknown strategy 'finetun'", "did you mean 'finetune'", "known: cma, "]),
     "replay_ratio 0": (["methods.0.replay_ratio=0"], ["methods.0.replay_ratio", "must be in (0, 1]", "got 0"]),
     "replay_ratio > 1": (["methods.0.replay_ratio=1.5"], ["methods.0.replay_ratio", "(0, 1]", "got 1.5"]),
     "realign_ratio < 0": (["methods.0.realign_ratio=-0.1"], ["methods.0.realign_ratio", "(0, 1]", "got -0.1"]),

@@ -40,7 +40,7 @@ def test_the_fisher_uses_the_sequence_level_loss():
 @pytest.mark.slow
 def test_both_adapter_policies_train_and_the_penalty_steers(micro_assets, tmp_path, monkeypatch):
     monkeypatch.setenv("MERA_HOME", str(tmp_path / "home"))
-    methods = [{"name": "EWC", "strategies": [{"name": "ewc", "lam": 1.0e4, "fisher_ratio": 0.05}]},
+    methods = [{"name": "EWC", "strategies": [{"name": "ewc", "lam": 100.0, "fisher_ratio": 0.05}]},
                {"name": "EWC fresh", "strategies": [{"name": "ewc", "lam": 1.0e4, "fisher_ratio": 0.05,
                                                      "adapter": "fresh"}]},
                {"name": "EWC off", "strategies": [{"name": "ewc", "lam": 0.0, "fisher_ratio": 0.05}]}]

@@ -1,6 +1,9 @@
-"""Byte-identical scores against golden files taken before the plug-in redesign (issue 11):
-the toy demo's scores.csv (tests/data/golden_demo_scores.csv; checked by hand, see the README's
-"Golden files") and, here, a 3-stage micro run over every method of the paper grid."""
+"""Golden files: a 3-stage micro run over every method of the paper grid must give byte-identical
+scores and predictions to tests/data/golden_micro_*; refactors keep them, and only a change that
+means to change the numbers regenerates them (MERA_WRITE_GOLDEN=1 pytest tests/test_golden.py),
+saying so in its commit. They were taken before the plug-in redesign (issue 11, which kept them
+byte for byte, and the toy demo's scores.csv too: tests/data/golden_demo_scores.csv) and taken
+again after the faithful-baselines change (issue 12: replay memory, EWC, PathWeave, seeds)."""
 
 import hashlib
 import json

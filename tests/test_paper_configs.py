@@ -195,10 +195,10 @@ def test_grid_orders_and_methods_equal_the_toy_grid():
     assert [m.name for m in cfg.methods] == [m.name for m in toy.methods]
     assert len(cfg.methods) == 13
     for mine, ref in zip(cfg.methods, toy.methods):
-        # the same strategies and ratios; PathWeave's in-adapter rank is scaled to the real LoRA rank
+        # the same plug-ins and ratios; EWC's lambda was chosen on the toy's validation split
         a, b = mine.model_dump(), ref.model_dump()
         for x in a["strategies"] + b["strategies"]:
-            x.pop("in_rank", None)
+            x.pop("lam", None)
         assert a == b, mine.name
     ratios = {m.name: x["ratio"] for m in cfg.methods for x in m.strategies if x["name"] in ("realign", "replay")}
     assert ratios["MERA (1%)"] == 0.01 and ratios["MERA (10%)"] == 0.10

@@ -189,3 +189,15 @@ def test_a_version_1_manifest_is_read(tmp_path):
     trained, coef = ckpt.load_trained(folder)
     name = next(iter(d_new.modules))
     assert coef == 1.0 and torch.equal(trained.modules[name]["A"], d_new.modules[name]["A"])
+
+
+def test_every_module_of_the_continual_layer_reads_in_one_sitting():
+    """The shape's rule (docs/architecture.md): no module of mera/continual is over 400 lines."""
+    from pathlib import Path
+
+    import mera.continual
+
+    root = Path(mera.continual.__file__).parent
+    long = {str(p.relative_to(root)): n for p in root.rglob("*.py")
+            if (n := len(p.read_text(encoding="utf-8").splitlines())) > 400}
+    assert not long, long

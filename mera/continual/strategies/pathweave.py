@@ -39,42 +39,9 @@ unchanged by later stages. The LLM's own weights never change after the expert's
 taken out of them. Nothing is removed at test time: the model keeps every adapter, so its
 inference cost grows with the number of modalities (see the efficiency table of the report).
 
-What the original does (JiazuoYu/PathWeave: ``lavis/models/blip2_models/Qformer.py``,
-``adapter.py``, ``blip2_vicuna_xinstruct.py``, the train/eval configs and run scripts) and how
-this differs, knowingly:
-
-- Placement: the original's adapters are on the Q-Former's query/key/value (self- and
-  cross-attention) and attention-output linears of each modality's Q-Former (hidden 768,
-  bottleneck 8); here they are on every linear module of the LLM that LoRA targets, with
-  train.lora's rank, as the MERA paper ran it. Consequently every token of a sample in the LLM
-  (its text too) takes the sample's path, where the original adapts only the Q-Former (the
-  modality's features, its queries and the instruction given to it) and leaves the LLM as it is;
-  and there are no adapters on the LLM projection (the original also adds an ungated sum of
-  per-modality adapters to each modality's LLM projection: here each modality has its own
-  connector anyway).
-- Per-modality snapshot of the in-adapters: the original keeps one in-adapter per old adapter,
-  retrains it at every later stage and evaluates each modality with the checkpoint of the stage
-  that learned it (its test scripts; a later checkpoint does not even hold an earlier
-  modality's gate). One model serves every seen modality here, so each modality's path keeps
-  its own in-adapters (``F^t_j``, the paper's notation): the new path trains exactly what the
-  original trains at that stage (starting from the same values) and an old modality sees what
-  its own checkpoint held.
-- Adapter form: LoRA pairs without biases and with the fixed scaling alpha / r (adapter 0 *is*
-  the expert's LoRA); the original's adapters have biases and a learnable scalar (init 1).
-  New adapters use LoRA's init (the init the original's ``Adapter`` declares); in the original
-  the Q-Former's Hugging Face weight init re-draws every adapter linear N(0, 0.02) (both
-  projections), which at LLM width and rank would perturb the frozen LLM at step 0. The
-  in-adapters follow that effective N(0, 0.02) / zero-bias init. No dropout, as in the original.
-- In-adapter form: the original offers one ``Linear(b, b)`` (``use_mlp: False``, most of its
-  shipped configs) or the MLPs ``b -> 2b -> b`` without activation ("no_hidden") and
-  ``b -> 2b -> 2b -> b`` with ReLU, ReLU, sigmoid ("base"); the default here is "no_hidden"
-  (``in_adapter="mlp"``), "linear" is the other choice, "base" is not offered.
-- Noise: the original adds it whenever its run is a training run; here whenever the module is in
-  training mode (``model.train()``), so an evaluation inside a training run is deterministic.
-- The first modality (stage 1, the expert) is trained as a plain LoRA on the whole model and the
-  new modality's connector is aligned (step A) before its path exists, on the LLM as it is then
-  (at stage 2 the LLM with the expert folded in, later the frozen LLM alone): the original has no
-  step A (a new modality's Q-Former starts from the previous one).
+What the original does (JiazuoYu/PathWeave) and where this knowingly differs (placement in the
+LLM, a per-modality snapshot of the in-adapters, LoRA-form adapters, the in-adapter variants, when
+noise is on, the first modality and step A): docs/pathweave.md.
 """
 
 from __future__ import annotations
