@@ -201,6 +201,14 @@ def test_yaml_that_is_not_a_mapping(tmp_path):
     one_line_error(cli("run", cfg), str(cfg), "top level must be a mapping", "got list")
 
 
+def test_a_duplicate_key_in_the_file(assets, tmp_path):
+    cfg = tmp_path / "c.yaml"
+    write_config(cfg, base_config(assets))
+    cfg.write_text(cfg.read_text() + "seed: 3\nseed: 4\n")
+    one_line_error(cli("run", cfg, "--out", tmp_path / "out"), str(cfg), "duplicate key 'seed'", "lines ")
+    assert not (tmp_path / "out").exists()
+
+
 def test_misspelled_key_in_the_file(assets, tmp_path):
     c = base_config(assets)
     c["train"]["instrcut"] = c["train"].pop("instruct")
@@ -241,6 +249,19 @@ BAD_OVERRIDES = {
                             ["model.branches.image.encoder.path", "'zoo:encoders/imgae'", "zoo:encoders/<modality>"]),
     "override that is not key=value": (["nokeyvalue"], ["override 'nokeyvalue'", "expected key=value"]),
     "override with an empty key": (["=3"], ["override '=3'", "empty key"]),
+    "two merge rules in a method": (["methods.0.strategies=[finetune, merge]"],
+                                    ["methods.0", "finetune and cma are both merge rules"]),
+    "a plug-in parameter out of its range": (["methods.0.strategies=[{name: realign, ratio: 2}]"],
+                                             ["methods.0", "realign", "ratio", "less than or equal to 1"]),
+    "method names that share a folder": (["methods=[{name: MERA 10%}, {name: MERA (10%)}]"],
+                                         ["methods", "would share the folder 'mera-10'"]),
+    "an order name that is a path": (["orders={../escape: [image]}"],
+                                     ["orders", "'../escape' cannot name a folder of the run directory"]),
+    "negative epochs": (["train.instruct.epochs=-1"], ["train.instruct.epochs", "greater than 0", "got -1"]),
+    "negative learning rate": (["train.align.lr_connector=-0.001"], ["train.align.lr_connector", "greater than 0"]),
+    "lora rank 0": (["train.lora.r=0"], ["train.lora.r", "greater than or equal to 1", "got 0"]),
+    "threads -1": (["threads=-1"], ["threads", "greater than or equal to 1", "got -1"]),
+    "huge max_new_tokens": (["eval.max_new_tokens=1000000"], ["eval.max_new_tokens", "less than or equal to 4096"]),
 }
 
 

@@ -91,14 +91,14 @@ class DataConfig(StrictModel):
 
 
 class PhaseConfig(StrictModel):
-    epochs: float = 1.0
+    epochs: float = Field(1.0, gt=0, le=1000)
     batch_size: int = 16  # effective batch (micro_batch_size x gradient accumulation)
     micro_batch_size: int | None = None  # None: the whole batch at once
     warmup_ratio: float = 0.03
-    lr_connector: float = 2e-5
-    lr_lora: float | None = None
-    weight_decay: float = 0.0
-    max_grad_norm: float | None = 1.0
+    lr_connector: float = Field(2e-5, gt=0)
+    lr_lora: float | None = Field(None, gt=0)
+    weight_decay: float = Field(0.0, ge=0)
+    max_grad_norm: float | None = Field(1.0, gt=0)
 
     @model_validator(mode="after")
     def _check(self):
@@ -145,8 +145,8 @@ class TrainConfig(StrictModel):
 
 
 class EvalConfig(StrictModel):
-    batch_size: int = 32
-    max_new_tokens: int = 32
+    batch_size: int = Field(32, ge=1)
+    max_new_tokens: int = Field(32, ge=1, le=4096)
     judge: str = "exact_match"  # exact_match | openai | local_llm (see mera.eval.llm_judge)
     # options of the judge, e.g. {model: gpt-4o-mini, base_url: ..., api_key_env: OPENAI_API_KEY};
     # keys themselves are read from the environment only, never from a config
@@ -169,11 +169,19 @@ class RunConfig(StrictModel):
     methods: list[MethodConfig]
     train: TrainConfig = Field(default_factory=TrainConfig)
     eval: EvalConfig = Field(default_factory=EvalConfig)
-    threads: int | None = 2  # torch CPU threads (None: torch's default)
+    threads: int | None = Field(2, ge=1, le=1024)  # torch CPU threads (None: torch's default)
 
     @model_validator(mode="after")
     def _check(self):
+        import re
+
+        from mera.continual.rundir import slug
+
         for oname, order in self.orders.items():
+            # an order's name is a folder of the run directory: a plain name, never a path
+            if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]*", oname) or oname in ("experts",) or ".." in oname:
+                raise ValueError(f"orders: {oname!r} cannot name a folder of the run directory (letters, digits, "
+                                 "'_', '.', '-'; not 'experts')")
             if len(set(order)) != len(order) or not order:
                 raise ValueError(f"orders.{oname}: a non-empty list of distinct modalities is expected")
             for m in order:
@@ -184,6 +192,12 @@ class RunConfig(StrictModel):
             raise ValueError("methods: names must be distinct")
         if "expert" in names:
             raise ValueError("methods: 'expert' is reserved for the experts' rows")
+        by_slug: dict[str, str] = {}
+        for n in names:  # a method's folder is its slug: two names with one folder would share stages
+            if slug(n) in by_slug:
+                raise ValueError(f"methods: {by_slug[slug(n)]!r} and {n!r} would share the folder {slug(n)!r} "
+                                 "of the run directory; rename one")
+            by_slug[slug(n)] = n
         if self.data.toy is None:
             for m in self.model.branches:
                 if m not in self.data.sets:

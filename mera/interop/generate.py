@@ -8,7 +8,7 @@ Targets:
   stage index, or omitted for the last stage) or ``--expert MODALITY``;
 - a folder written by ``mera export``.
 
-A stage is rebuilt exactly as the run evaluated it (``Runner.setup()`` + ``Runner.load_stage``).
+A stage is rebuilt exactly as the run evaluated it (``load_assets`` + ``load_stage``).
 The prompt gets the modality's placeholder (``<image>\\n`` + prompt) unless it holds it already;
 decoding is greedy, as in evaluation. ``--stream`` prints the answer token by token;
 ``--batch FILE`` answers a JSON list (or JSON lines) of ``{media, modality, prompt}`` items and

@@ -10,15 +10,16 @@ from __future__ import annotations
 import torch
 from peft import LoraConfig, get_peft_model
 from peft.tuners.lora import LoraLayer
+from pydantic import Field
 
 from mera.config.base import StrictModel
 from mera.faults import fault_point
 
 
 class LoraSettings(StrictModel):
-    r: int = 128
-    alpha: float = 128
-    dropout: float = 0.05
+    r: int = Field(128, ge=1)
+    alpha: float = Field(128, gt=0)
+    dropout: float = Field(0.05, ge=0, lt=1)
     # "all-linear": every linear module of the LLM except the output head (PEFT's meaning).
     target_modules: str | list[str] = "all-linear"
 
