@@ -102,7 +102,7 @@ def train_stage(assets: Assets, ctx: StageContext, strategies: list, merge) -> t
     assets.add_branch(model, m)
     conn = model.connector_parameters(m)
     # step A: align the new connector on captions
-    res = ctx.train([{"params": conn, "lr": tc.align.lr_connector}], assets.sets[m].caption_train, "align")
+    res = ctx.train(conn, assets.sets[m].caption_train, "align")  # a plain list: train.align's lr_connector
     ctx.log["align"] = phase_log(res)
     # the LLM's adapter in step B: a strategy's own modules, a continued LoRA, or a fresh one
     adapters = [a for a in (s.adapter(ctx) for s in strategies) if a is not None]
@@ -120,7 +120,7 @@ def train_stage(assets: Assets, ctx: StageContext, strategies: list, merge) -> t
     _instruct(assets, ctx, strategies, conn, list(lora_parameters(model.llm).values()))
     new = Delta.lora(extract_lora(model.llm))
     model.llm = detach_lora(model.llm)
-    merged = merge.merge(new, ctx.history.trained() if ctx.history.folder else [], ctx.stage)
+    merged = merge.merge(new, ctx.history.trained(), ctx.stage)
     for delta, coef in merged:
         delta.fold(model.llm, coef)
     folds += merged
