@@ -14,6 +14,11 @@ A stage folder holds
     scores.csv              the stage's evaluation rows
     DONE                    written last: the folder is complete only when it exists
 
+``state_key`` (a digest of the parent's state key, the folds, the trained delta, the strategy
+state and the layout of a strategy's LLM modules) names what the stage's model is besides its
+connectors: two stages with one state key have the same LLM, modules and history, whichever
+method trained them (the content keys of mera.continual.sharing start from it).
+
 ``folds`` are what the stage folded into the LLM, in order (``W += coef * update``);
 ``trained`` is the delta the stage's training produced (what a merge rule receives as the new
 delta and later stages as history), with the coefficient it was folded with (null if only a
@@ -26,6 +31,7 @@ deltas are the folds, and the trained delta is the last one folded with a positi
 
 from __future__ import annotations
 
+import hashlib
 import json
 from contextlib import contextmanager
 from pathlib import Path
@@ -58,6 +64,24 @@ def _writing(path: Path):
                               "the stage is not marked done and any earlier version of the file is unchanged") from None
 
 
+def tensor_digest(tensors: dict[str, torch.Tensor]) -> str:
+    """sha256 of names, dtypes, shapes and bytes of ``tensors`` (any dtype, any device)."""
+    h = hashlib.sha256()
+    for k in sorted(tensors):
+        t = tensors[k].detach().contiguous().cpu()
+        h.update(json.dumps([k, str(t.dtype), list(t.shape)]).encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
+def state_key(folder: str | Path | None) -> str | None:
+    """The state key of a finished stage ("base": the base LLM; None: a stage written before
+    state keys existed)."""
+    if folder is None:
+        return "base"
+    return read_manifest(folder).get("state_key")
+
+
 def save_tensors(path: Path, tensors: dict[str, torch.Tensor]) -> None:
     with _writing(path), atomic_path(path) as tmp:
         save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(tmp))
@@ -88,12 +112,14 @@ def save_stage(
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     files: dict[int, dict] = {}  # id(delta) -> its manifest entry (without coef)
+    digests: dict[int, str] = {}
 
     def entry(delta: Delta, name: str) -> dict:
         if id(delta) not in files:
             data, meta = delta.to_tensors()
             save_tensors(folder / name, data)
             files[id(delta)] = {"file": name, **meta}
+            digests[id(delta)] = tensor_digest(data)
         return dict(files[id(delta)])
 
     trained_entry = None
@@ -109,9 +135,17 @@ def save_stage(
     rel_parent = None
     if parent is not None:
         rel_parent = str(Path(_relpath(Path(parent), folder)))
+    parent_key = state_key(parent)
+    key = None
+    if parent_key is not None:
+        parts = [parent_key, [[digests[id(d)], float(c), {k: v for k, v in files[id(d)].items() if k != "file"}] for d, c in folds],
+                 [digests[id(trained)], trained_entry.get("coef")] if trained is not None else None,
+                 tensor_digest(tensors) if tensors else None, (info or {}).get("llm_modules")]
+        key = hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()
     manifest = {
         "format": FORMAT,
         "parent": rel_parent,
+        "state_key": key,
         "folds": fold_entries,
         "trained": trained_entry,
         "connectors": "connectors.safetensors",

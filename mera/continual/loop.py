@@ -15,11 +15,17 @@ together: every process trains every stage (each micro-batch split across them, 
 mera.train.loop) and generates its share of the evaluation batches; only the main process
 writes to the run directory (and clears unfinished stage folders), and a barrier follows each
 write that the others then read. ``--workers N`` instead runs independent units (experts,
-then (order, method) chains) in N processes (mera.continual.workers).
+then the (order, method) chains of one family) in N processes (mera.continual.workers).
+
+Several seeds (``seeds: [0, 1, 2]``) run everything once per seed, each in its own tree of the
+run directory (mera.continual.rundir), with the tokenizer, encoders, data and feature cache
+loaded once. A stage's step that another method already trained identically is reused from the
+run's step store (mera.continual.sharing).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import shutil
@@ -32,6 +38,7 @@ from mera.continual.assets import connector_states, load_assets, seed_for
 from mera.continual.methods import build_method
 from mera.continual.replay import ReplayMemory
 from mera.continual.rundir import RunDir, Unit
+from mera.continual.sharing import StepStore
 from mera.continual.stages import load_stage
 from mera.continual.training import make_context, train_stage
 from mera.errors import ConfigError, MeraError
@@ -64,10 +71,23 @@ class StageLoop:
                 self.threads = max(1, cfg.threads // max(1, local))
 
     def setup(self) -> None:
-        self.assets = load_assets(self.cfg, self.config_dir, cache_dir=self.dir.features_dir,
-                                  progress=self.progress, threads=self.threads)
-        self.memory = ReplayMemory(self.assets.sets, self.cfg.seed,
-                                   record_dir=self.dir.out / "replay_memory" if self.main else None)
+        self.base_assets = load_assets(self.cfg, self.config_dir, cache_dir=self.dir.features_dir,
+                                       progress=self.progress, threads=self.threads)
+        self.store = StepStore(self.dir.shared_dir if self.cfg.share else None, writer=self.main)
+        self._seeds: dict[int, tuple] = {}
+        self.use_seed(self.cfg.run_seeds[0])
+
+    def use_seed(self, seed: int) -> None:
+        """Point the loop at one seed: its part of the run directory, the config and assets with
+        that seed (everything loaded is shared), its replay memory."""
+        if seed not in self._seeds:
+            scfg = self.cfg.for_seed(seed)
+            rd = self.dir.for_seed(seed)
+            assets = dataclasses.replace(self.base_assets, cfg=scfg)
+            memory = ReplayMemory(assets.sets, seed, record_dir=rd.root / "replay_memory" if self.main else None)
+            self._seeds[seed] = (rd, assets, memory)
+        self.rd, self.assets, self.memory = self._seeds[seed]
+        self.seed = seed
 
     # ------------------------------------------------------------------ the run
     def run(self) -> Path:
@@ -97,22 +117,28 @@ class StageLoop:
             dist.barrier()
 
     def run_unit(self, unit: Unit) -> None:
+        self.use_seed(unit.seed if unit.seed is not None else self.cfg.run_seeds[0])
         if unit.kind == "expert":
             self.run_expert(unit.modality)
         else:
-            self.run_chain(unit.order, self.cfg.methods[unit.method])
+            for k in unit.methods:
+                self.run_chain(unit.order, self.cfg.methods[k])
+
+    @property
+    def tag(self) -> str:
+        return f"seed {self.seed}: " if self.cfg.seeds else ""
 
     def run_expert(self, modality: str) -> None:
-        folder = self.dir.expert_dir(modality)
+        folder = self.rd.expert_dir(modality)
         if ckpt.is_done(folder):
-            self.log(f"[expert {modality}] done, skipped")
+            self.log(f"[{self.tag}expert {modality}] done, skipped")
             return
         self._start(folder)
         t0 = time.perf_counter()
-        self.log(f"[expert {modality}] training")
+        self.log(f"[{self.tag}expert {modality}] training")
         a = self.assets
         model = a.base_model()
-        ctx = self._context(model, "-", "expert", 1, modality, [modality], seed_for(self.cfg.seed, "expert", modality),
+        ctx = self._context(model, "-", "expert", 1, modality, [modality], seed_for(self.seed, "expert", modality),
                             None, folder)
         pre = self.cfg.model.branches[modality].pretrained_connector
         with Cost(dist.world_size()) as cost:
@@ -127,14 +153,14 @@ class StageLoop:
                             info={"kind": "expert", "modality": modality, "log": ctx.log, "cost": cost.info})
         rows = self.evaluate(model, [modality], folder)
         self._finish_stage(folder, [{"method": "expert", "order": "", "stage": "", **r} for r in rows])
-        self.log(f"[expert {modality}] {time.perf_counter() - t0:.1f}s")
+        self.log(f"[{self.tag}expert {modality}] {time.perf_counter() - t0:.1f}s")
 
     def run_chain(self, order_name: str, method) -> None:
         order = self.cfg.orders[order_name]
         strategies, merge = build_method(method)
         model, prev = None, None
         for i, m in enumerate(order, 1):
-            folder = self.dir.stage_dir(order_name, method, i, m)
+            folder = self.rd.stage_dir(order_name, method, i, m)
             if ckpt.is_done(folder):
                 model, prev = None, folder  # loaded lazily if a later stage needs training
                 continue
@@ -142,30 +168,36 @@ class StageLoop:
                 model = load_stage(self.assets, prev)
             self._start(folder)
             t0 = time.perf_counter()
-            self.log(f"[{order_name} / {method.name}] stage {i} {m}")
+            self.log(f"[{self.tag}{order_name} / {method.name}] stage {i} {m}")
             if i == 1:  # stage 1 of every method is the expert of the first modality
-                expert = self.dir.expert_dir(m)
+                expert = self.rd.expert_dir(m)
                 if self.main:
                     ckpt.save_stage(folder, parent=expert, folds=[], connectors=ckpt.load_connectors(expert),
                                     info={"kind": "stage", "stage": 1, "modality": m, "same_as": "expert"})
                 dist.barrier()  # written by the main process, loaded by every one
-                rows = self.dir.read_rows(expert / "scores.csv")
+                rows = self.rd.read_rows(expert / "scores.csv")
                 model = load_stage(self.assets, folder) if len(order) > 1 else None
             else:
                 ctx = self._context(model, order_name, method.name, i, m, order[:i],
-                                    seed_for(self.cfg.seed, order_name, i), prev, folder)
+                                    seed_for(self.seed, order_name, i), prev, folder)
                 with Cost(dist.world_size()) as cost:
-                    folds, trained = train_stage(self.assets, ctx, strategies, merge)
+                    folds, trained = train_stage(self.assets, ctx, strategies, merge, self.store)
                     for s in strategies:
                         s.after_stage(ctx)
+                info = dict(cost.info)
+                if "shared" in ctx.log:  # the step was reused: its cost is the time it took to train
+                    info["measured_seconds"] = info.get("seconds", 0.0)
+                    info["seconds"] = round(info.get("seconds", 0.0) + ctx.log["shared"]["seconds"], 2)
+                    self.log(f"    step shared with {ctx.log['shared']['trained_by']} (not trained again)")
                 if self.main:
                     ckpt.save_stage(folder, parent=prev, folds=folds, trained=trained,
                                     connectors=connector_states(model), tensors=ctx.tensors,
                                     info={"kind": "stage", "stage": i, "modality": m, "log": ctx.log,
-                                          "cost": cost.info,
+                                          "cost": info,
                                           **({"llm_modules": ctx.llm_modules} if ctx.llm_modules else {})})
                 rows = self.evaluate(model, order[:i], folder)
-                if self.main and i == len(order) and order_name == next(iter(self.cfg.orders)):
+                if (self.main and i == len(order) and order_name == next(iter(self.cfg.orders))
+                        and self.seed == self.cfg.run_seeds[0]):
                     self.profile(model, order, folder)
             self._finish_stage(folder, [{**r, "method": method.name, "order": order_name, "stage": i} for r in rows],
                                assemble=True)
@@ -175,7 +207,7 @@ class StageLoop:
     # ------------------------------------------------------------------ helpers
     def _context(self, model, order, method, stage, modality, seen, seed, parent, folder):
         return make_context(self.assets, model, order=order, method=method, stage=stage, modality=modality,
-                            seen=seen, seed=seed, parent=parent, steps_dir=self.dir.steps_dir(folder),
+                            seen=seen, seed=seed, parent=parent, steps_dir=self.rd.steps_dir(folder),
                             progress=self.progress, memory=self.memory)
 
     def _start(self, folder: Path) -> None:
@@ -187,7 +219,7 @@ class StageLoop:
         if self.main:
             self.dir.write_rows(folder / "scores.csv", rows)
             ckpt.mark_done(folder)
-            shutil.rmtree(self.dir.steps_dir(folder), ignore_errors=True)
+            shutil.rmtree(self.rd.steps_dir(folder), ignore_errors=True)
             if assemble:
                 self.dir.assemble_scores()
         dist.barrier()  # the stage is DONE (and loadable) for every process

@@ -159,7 +159,14 @@ class EvalConfig(StrictModel):
 
 class RunConfig(StrictModel):
     name: str = "run"
-    seed: int = 0
+    seed: int = Field(0, ge=0, lt=2**31)
+    # several training seeds: everything (experts too) runs once per seed, in <out>/seed_<s>/, and
+    # the report gives each figure as mean +- std over the seeds with a 95% t-interval; unset: `seed`
+    seeds: list[int] | None = None
+    # reuse a training step whose inputs (parent model, the connectors its data passes through, the
+    # strategies' parameters, seed, recipe) equal one already done in this run instead of training it
+    # again (<out>/.shared): Fine-Tuning and Realign only train every stage once; results are identical
+    share: bool = True
     # folders a user sets once, used elsewhere as ${paths.NAME} (e.g. paths.models, paths.data)
     paths: dict[str, str] = Field(default_factory=dict)
     zoo: dict | None = None  # ZooConfig fields (toy model zoo); None: defaults
@@ -170,6 +177,26 @@ class RunConfig(StrictModel):
     train: TrainConfig = Field(default_factory=TrainConfig)
     eval: EvalConfig = Field(default_factory=EvalConfig)
     threads: int | None = Field(2, ge=1, le=1024)  # torch CPU threads (None: torch's default)
+
+    @field_validator("seeds")
+    @classmethod
+    def _seeds(cls, v):
+        if v is not None:
+            if not v or len(set(v)) != len(v):
+                raise ValueError("seeds: a non-empty list of distinct seeds is expected")
+            bad = [x for x in v if not 0 <= x < 2**31]
+            if bad:
+                raise ValueError(f"seeds: {bad[0]} is outside 0 .. 2**31-1")
+        return v
+
+    @property
+    def run_seeds(self) -> list[int]:
+        """The training seeds of the run: ``seeds``, or ``[seed]``."""
+        return list(self.seeds) if self.seeds else [self.seed]
+
+    def for_seed(self, seed: int) -> "RunConfig":
+        """This config with ``seed`` as its (only) training seed: what one seed of the run trains with."""
+        return self.model_copy(update={"seed": seed})
 
     @model_validator(mode="after")
     def _check(self):

@@ -4,11 +4,17 @@
     <out>/experts/<modality>/             expert checkpoint + scores.csv + DONE
     <out>/<order>/<method>/stage_<i>_<modality>/   stage checkpoint + scores.csv + DONE
     <out>/.steps/...                      step checkpoints of unfinished phases
+    <out>/.shared/<key>/                  training steps shared between methods (mera.continual.sharing)
+    <out>/.features/                      the encoders' feature cache
     <out>/scores.csv                      every finished stage's rows, in plan order
     <out>/report.md, metrics.json, efficiency.json, figures/
 
-:class:`RunDir` knows these paths, the plan (experts, then order x method x stage), which
-units are done, and reads and writes score rows (in the one format of
+With several seeds (``seeds: [0, 1, 2]``) the experts and the orders live in ``<out>/seed_<s>/``
+(one tree per seed, as above); config, feature cache, shared steps, scores and report stay at
+the top, and every score row carries its seed.
+
+:class:`RunDir` knows these paths, the plan (per seed: experts, then order x method x stage),
+the units of work, which are done, and reads and writes score rows (in the one format of
 :mod:`mera.eval.metrics`). It trains nothing.
 """
 
@@ -46,30 +52,70 @@ def flat_diff(a, b, prefix="") -> list[str]:
 
 @dataclass(frozen=True)
 class Unit:
-    """A unit of work: an expert (``order``/``method`` None) or one (order, method) chain."""
+    """A unit of work of one seed: an expert, or the (order, method) chains of one family (methods
+    whose stages train the same steps, run one after the other so that the later ones reuse the
+    first one's training: see :func:`families`)."""
 
     kind: str  # "expert" | "chain"
     modality: str | None = None
     order: str | None = None
-    method: int | None = None  # index into cfg.methods
+    methods: tuple[int, ...] = ()  # indices into cfg.methods
+    seed: int | None = None  # None: the config's seed
 
     def name(self, cfg) -> str:
-        return f"expert {self.modality}" if self.kind == "expert" else f"{self.order} / {cfg.methods[self.method].name}"
+        tag = f"seed {self.seed}: " if cfg.seeds else ""
+        if self.kind == "expert":
+            return f"{tag}expert {self.modality}"
+        return f"{tag}{self.order} / {' + '.join(cfg.methods[k].name for k in self.methods)}"
+
+
+def families(cfg) -> list[tuple[int, ...]]:
+    """The methods grouped by what their stages train (indices into ``cfg.methods``, config order).
+
+    A strategy that acts only after a stage (``only_after_stage``, e.g. realign) does not change
+    what a stage trains, unless the stage's training reads the connectors it changes (a strategy
+    with ``reads_old_modalities``, e.g. replay): Fine-Tuning, Merge only, MERA and Realign only are
+    one family (their training steps coincide: mera.continual.sharing), EWC and EWC + Realign
+    another. The grouping is only a schedule: whether a step is shared is decided by its content
+    key when it runs."""
+    from mera.continual.methods import resolve
+
+    groups: dict[str, list[int]] = {}
+    for k, meth in enumerate(cfg.methods):
+        items = []
+        for item in meth.strategies:
+            entry = resolve(item["name"])
+            if entry.kind == "strategy":
+                items.append((item, entry.obj))
+        reads = any(getattr(cls, "reads_old_modalities", True) and not getattr(cls, "only_after_stage", False)
+                    for _, cls in items)
+        trained = [item for item, cls in items if reads or not getattr(cls, "only_after_stage", False)]
+        groups.setdefault(json.dumps(trained, sort_keys=True, default=str), []).append(k)
+    return [tuple(v) for v in groups.values()]
 
 
 class RunDir:
-    def __init__(self, out: str | Path, cfg):
+    def __init__(self, out: str | Path, cfg, seed: int | None = None):
         self.out = Path(out)
         self.cfg = cfg
+        self.seed = cfg.run_seeds[0] if seed is None else seed
+        # where this seed's experts and orders live: the run directory itself with a single seed
+        self.root = self.out / f"seed_{self.seed}" if cfg.seeds else self.out
+
+    def for_seed(self, seed: int) -> "RunDir":
+        return RunDir(self.out, self.cfg, seed)
+
+    def seed_dirs(self) -> list["RunDir"]:
+        return [self.for_seed(s) for s in self.cfg.run_seeds]
 
     # ------------------------------------------------------------------ paths
     def expert_dir(self, modality: str) -> Path:
-        return self.out / "experts" / modality
+        return self.root / "experts" / modality
 
     def stage_dir(self, order: str, method, i: int, modality: str) -> Path:
         """``method``: a MethodConfig or its name."""
         name = method if isinstance(method, str) else method.name
-        return self.out / order / slug(name) / f"stage_{i}_{modality}"
+        return self.root / order / slug(name) / f"stage_{i}_{modality}"
 
     def steps_dir(self, folder: Path) -> Path:
         """Where a stage's step checkpoints live until it is DONE (outside the stage folder, which
@@ -80,6 +126,10 @@ class RunDir:
     def features_dir(self) -> Path:
         return self.out / ".features"
 
+    @property
+    def shared_dir(self) -> Path:
+        return self.out / ".shared"
+
     # ------------------------------------------------------------------ plan
     def experts(self) -> list[str]:
         out = []
@@ -88,25 +138,33 @@ class RunDir:
         return out
 
     def units(self) -> list[Unit]:
-        return ([Unit("expert", modality=m) for m in self.experts()]
-                + [Unit("chain", order=o, method=k) for o in self.cfg.orders for k in range(len(self.cfg.methods))])
+        """Every seed's experts, then every seed's chains (one unit per order and family; the
+        largest families first, so that a pool of workers ends together)."""
+        seeds = self.cfg.run_seeds
+        fams = sorted(families(self.cfg), key=len, reverse=True)
+        return ([Unit("expert", modality=m, seed=s) for s in seeds for m in self.experts()]
+                + [Unit("chain", order=o, methods=f, seed=s) for s in seeds for o in self.cfg.orders for f in fams])
 
     def plan(self) -> dict:
-        """What the run would train: the experts and every (order, method, stage)."""
+        """What the run would train: the experts and every (order, method, stage), per seed."""
         stages = []
-        for oname, order in self.cfg.orders.items():
-            for meth in self.cfg.methods:
-                for i, m in enumerate(order, 1):
-                    stages.append({"order": oname, "method": meth.name, "stage": i, "modality": m,
-                                   "dir": str(self.stage_dir(oname, meth, i, m).relative_to(self.out)),
-                                   "what": "= expert of " + m if i == 1 else "+".join(meth.names)})
-        return {"experts": self.experts(), "stages": stages}
+        for rd in self.seed_dirs():
+            for oname, order in self.cfg.orders.items():
+                for meth in self.cfg.methods:
+                    for i, m in enumerate(order, 1):
+                        stages.append({"order": oname, "method": meth.name, "stage": i, "modality": m,
+                                       **({"seed": rd.seed} if self.cfg.seeds else {}),
+                                       "dir": str(rd.stage_dir(oname, meth, i, m).relative_to(self.out)),
+                                       "what": "= expert of " + m if i == 1 else "+".join(meth.names)})
+        return {"experts": self.experts(), "seeds": self.cfg.run_seeds, "stages": stages}
 
     def unit_done(self, unit: Unit) -> bool:
+        rd = self.for_seed(unit.seed) if unit.seed is not None else self
         if unit.kind == "expert":
-            return ckpt.is_done(self.expert_dir(unit.modality))
+            return ckpt.is_done(rd.expert_dir(unit.modality))
         order = self.cfg.orders[unit.order]
-        return ckpt.is_done(self.stage_dir(unit.order, self.cfg.methods[unit.method], len(order), order[-1]))
+        return all(ckpt.is_done(rd.stage_dir(unit.order, self.cfg.methods[k], len(order), order[-1]))
+                   for k in unit.methods)
 
     # ------------------------------------------------------------------ set-up
     def prepare(self, resume: bool, write: bool = True) -> None:
@@ -156,48 +214,54 @@ class RunDir:
         return read_rows(path)
 
     def assemble_scores(self) -> Path:
-        """Rebuild ``scores.csv`` from the finished stages, in plan order (so resume gives the same file)."""
+        """Rebuild ``scores.csv`` from the finished stages, in plan order (seed by seed; so resume
+        gives the same file). Every row carries its seed."""
         rows = []
-        for oname, order in self.cfg.orders.items():
-            for m in order:
-                f = self.expert_dir(m)
-                if ckpt.is_done(f):
-                    rows += [{**r, "order": oname} for r in read_rows(f / "scores.csv")]
-        for oname, order in self.cfg.orders.items():
-            for meth in self.cfg.methods:
-                for i, m in enumerate(order, 1):
-                    f = self.stage_dir(oname, meth, i, m)
+        for rd in self.seed_dirs():
+            seed = {"seed": rd.seed}
+            for oname, order in self.cfg.orders.items():
+                for m in order:
+                    f = rd.expert_dir(m)
                     if ckpt.is_done(f):
-                        rows += read_rows(f / "scores.csv")
+                        rows += [{**r, "order": oname, **seed} for r in read_rows(f / "scores.csv")]
+            for oname, order in self.cfg.orders.items():
+                for meth in self.cfg.methods:
+                    for i, m in enumerate(order, 1):
+                        f = rd.stage_dir(oname, meth, i, m)
+                        if ckpt.is_done(f):
+                            rows += [{**r, **seed} for r in read_rows(f / "scores.csv")]
         path = self.out / "scores.csv"
         self.write_rows(path, rows)
         return path
 
     # ------------------------------------------------------------------ costs
     def efficiency(self) -> dict:
-        """Per method: training time and peak memory (stages 2..m, averaged over orders: stage 1 is
-        the shared expert) and the inference profile of its final model (first order)."""
+        """Per method: training time and peak memory (stages 2..m, averaged over orders and seeds:
+        stage 1 is the shared expert; a step reused from another method counts with the time it
+        took to train, mera.continual.sharing) and the inference profile of its final model
+        (first order, first seed)."""
         out = {}
         first = next(iter(self.cfg.orders))
         for meth in self.cfg.methods:
             secs, peaks, ok = [], [], True
-            for oname, order in self.cfg.orders.items():
-                total = 0.0
-                for i, m in enumerate(order[1:], 2):
-                    f = self.stage_dir(oname, meth, i, m)
-                    if not ckpt.is_done(f):
-                        ok = False
-                        continue
-                    c = ckpt.read_manifest(f).get("cost") or {}
-                    total += c.get("seconds", 0.0)
-                    if "peak_mib" in c:
-                        peaks.append(c["peak_mib"])
-                secs.append(total)
+            for rd in self.seed_dirs():
+                for oname, order in self.cfg.orders.items():
+                    total = 0.0
+                    for i, m in enumerate(order[1:], 2):
+                        f = rd.stage_dir(oname, meth, i, m)
+                        if not ckpt.is_done(f):
+                            ok = False
+                            continue
+                        c = ckpt.read_manifest(f).get("cost") or {}
+                        total += c.get("seconds", 0.0)
+                        if "peak_mib" in c:
+                            peaks.append(c["peak_mib"])
+                    secs.append(total)
             if not ok:
                 continue
             entry = {"train_seconds": sum(secs) / len(secs), "train_peak_mib": max(peaks) if peaks else None}
             order = self.cfg.orders[first]
-            prof_file = self.stage_dir(first, meth, len(order), order[-1]) / "profile.json"
+            prof_file = self.seed_dirs()[0].stage_dir(first, meth, len(order), order[-1]) / "profile.json"
             if prof_file.is_file():
                 prof = json.loads(prof_file.read_text())
                 entry.update({"infer_ms_per_token": prof["ms_per_token"], "infer_peak_mib": prof["peak_mib"],

@@ -4,7 +4,9 @@ strategies add to them, and the merge rule's fold of the LLM delta.
     add the new branch -> step A (align: new connector, captions)
     -> the LLM's adapter (a fresh LoRA, a continued one, or a strategy's own modules)
     -> step B (instruct: new connector + adapter on captions + QA, plus what strategies add)
-    -> extract the delta, detach the adapter, fold what the merge rule returns
+    -> extract the delta, detach the adapter            (the step: shared between methods that
+                                                           train it identically, mera.continual.sharing)
+    -> fold what the merge rule returns
 
 ``run_phase`` trains one phase with the recipe of ``train.<phase>`` through the one training
 loop (:func:`mera.train.loop.train_phase`); strategies reach it as ``ctx.train``.
@@ -12,14 +14,18 @@ loop (:func:`mera.train.loop.train_phase`); strategies reach it as ``ctx.train``
 
 from __future__ import annotations
 
+import sys
+import time
 from pathlib import Path
 
 from mera.continual.assets import Assets, seed_for
 from mera.continual.checkpoint import ChainView
 from mera.continual.deltas import Delta
 from mera.continual.replay import ReplayMemory
+from mera.continual.sharing import StepResult, StepStore, connector_digest, load_step, step_key
 from mera.continual.strategies import Continue, InstructStep, OwnModules, StageContext
 from mera.data.pipeline import ItemDataset
+from mera.errors import CheckpointError
 from mera.model.collate import MultimodalCollator
 from mera.train.loop import PhaseResult, StepCheckpoint, train_phase
 from mera.train.lora import attach_lora, detach_lora, extract_lora, load_lora, lora_parameters
@@ -96,8 +102,63 @@ def _sum_losses(losses):
     return total
 
 
-def train_stage(assets: Assets, ctx: StageContext, strategies: list, merge) -> tuple[list, Delta | None]:
-    """The two steps on ``ctx.modality`` and the fold; returns (folds [(Delta, coef)], trained Delta)."""
+def train_stage(assets: Assets, ctx: StageContext, strategies: list, merge,
+                store: StepStore | None = None) -> tuple[list, Delta | None]:
+    """The step on ``ctx.modality`` (trained, or reused from ``store`` when a method already trained
+    it: mera.continual.sharing) and the merge rule's fold; returns (folds [(Delta, coef)], trained)."""
+    key = step_key(assets, ctx, strategies) if store is not None and store.root is not None else None
+    found = store.get(key) if key else None
+    result = None
+    if found is not None:
+        try:
+            loaded = load_step(found)
+        except CheckpointError as e:  # a damaged entry: train the step again (and say so)
+            print(f"warning: {e}; the step is trained again", file=sys.stderr, flush=True)
+        else:
+            result = _reuse(assets, ctx, strategies, found, loaded)
+    if result is None:
+        before = {m: connector_digest(ctx.model, m) for m in ctx.model.branches}
+        t0 = time.perf_counter()
+        result = _train_step(assets, ctx, strategies)
+        result.seconds = time.perf_counter() - t0
+        if key and store is not None:
+            changed = {m: {k: v.detach().clone() for k, v in b.connector.state_dict().items()}
+                       for m, b in ctx.model.branches.items() if before.get(m) != connector_digest(ctx.model, m)}
+            store.put(key, result, ctx, changed, by=f"{ctx.order} / {ctx.method} / stage {ctx.stage}")
+    if result.own:
+        return list(result.pre_folds), None
+    new = result.trained
+    merged = merge.merge(new, ctx.history.trained(), ctx.stage)
+    for delta, coef in merged:
+        delta.fold(ctx.model.llm, coef)
+    ctx.log["merge_coef"] = merged[0][1] if len(merged) == 1 and merged[0][0] is new else [c for _, c in merged]
+    return list(result.pre_folds) + merged, new
+
+
+def _reuse(assets: Assets, ctx: StageContext, strategies: list, folder, loaded) -> StepResult:
+    """Put the model and ``ctx`` in the state the stored step (``loaded``: load_step) left them in."""
+    result, changed, tensors, m = loaded
+    model = ctx.model
+    if ctx.modality not in changed:
+        raise CheckpointError(f"{folder}: the shared step has no {ctx.modality!r} connector")
+    assets.add_branch(model, ctx.modality, changed.pop(ctx.modality))
+    for mod, state in changed.items():
+        model.branches[mod].connector.load_state_dict(state)
+    for delta, coef in result.pre_folds:
+        delta.fold(model.llm, coef)
+    if result.own:
+        ctx.folds[:] = list(result.pre_folds)
+    ctx.tensors.update(tensors)
+    ctx.llm_modules = m.get("llm_modules")
+    ctx.log.update(m["log"])
+    for s in strategies:
+        s.restore(ctx)
+    ctx.log["shared"] = {"key": folder.name, "trained_by": m.get("by"), "seconds": result.seconds}
+    return result
+
+
+def _train_step(assets: Assets, ctx: StageContext, strategies: list) -> StepResult:
+    """Step A, the adapter, step B, and the trained delta (the LoRA detached again)."""
     tc, m, model = assets.cfg.train, ctx.modality, ctx.model
     assets.add_branch(model, m)
     conn = model.connector_parameters(m)
@@ -109,23 +170,18 @@ def train_stage(assets: Assets, ctx: StageContext, strategies: list, merge) -> t
     adapter = adapters[0] if adapters else None
     if isinstance(adapter, OwnModules):
         _instruct(assets, ctx, strategies, conn, adapter.params)
-        return list(ctx.folds), None
-    folds = []
+        return StepResult(own=True, pre_folds=list(ctx.folds))
+    pre = []
     if isinstance(adapter, Continue):  # take it out of the weights, train it as an adapter again
         adapter.delta.fold(model.llm, -adapter.coef)
-        folds.append((adapter.delta, -adapter.coef))
+        pre.append((adapter.delta, -adapter.coef))
     model.llm = attach_lora(model.llm, tc.lora, seed_for(ctx.seed, "lora"))
     if isinstance(adapter, Continue):
         load_lora(model.llm, adapter.delta.modules)
     _instruct(assets, ctx, strategies, conn, list(lora_parameters(model.llm).values()))
     new = Delta.lora(extract_lora(model.llm))
     model.llm = detach_lora(model.llm)
-    merged = merge.merge(new, ctx.history.trained(), ctx.stage)
-    for delta, coef in merged:
-        delta.fold(model.llm, coef)
-    folds += merged
-    ctx.log["merge_coef"] = merged[0][1] if len(merged) == 1 and merged[0][0] is new else [c for _, c in merged]
-    return folds, new
+    return StepResult(own=False, pre_folds=pre, trained=new)
 
 
 def _instruct(assets: Assets, ctx: StageContext, strategies: list, conn, llm_params) -> None:

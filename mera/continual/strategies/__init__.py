@@ -18,6 +18,16 @@ checked when its config loads (mera.continual.methods): ``llm="own" | "continued
 decides how step B trains the LLM: one such strategy per method) and ``whole_delta=True``
 (its LLM delta must be folded whole: no merge rule other than ``finetune`` applies).
 
+Two class attributes say what a stage's training depends on, so that a step two methods train
+identically is trained once (mera.continual.sharing): ``only_after_stage = True`` (the strategy
+changes nothing before the fold: realign) and ``reads_old_modalities = False`` (its training
+never passes an earlier modality's data through that modality's connector: PathWeave; by default
+a strategy is assumed to, e.g. replay). ``training_key(ctx)`` and ``reads(ctx)`` refine them per
+stage (EWC reads the previous modality only where it estimates a Fisher from it); ``restore(ctx)``
+rebuilds a strategy's own LLM modules from ``ctx.llm_modules`` / ``ctx.tensors`` when a step is
+reused instead of trained. A third-party strategy that keeps the defaults is never wrongly
+shared: its parameters and every earlier connector enter the key.
+
 Strategies see a :class:`StageContext`, never the run loop or the run directory.
 """
 
@@ -89,9 +99,28 @@ class Strategy:
     """Base: every hook does nothing. ``params`` are the validated parameters (or None)."""
 
     name = "strategy"
+    only_after_stage = False  # True: the strategy acts only in after_stage (the training is not its)
+    reads_old_modalities = True  # False: its training passes no earlier modality's data through a connector
 
     def __init__(self, params=None):
         self.params = params
+
+    def training_key(self, ctx: StageContext):
+        """What this strategy makes of the stage's training (steps A and B, before the fold), as a
+        JSON-able value of the step's content key; None if nothing (only_after_stage)."""
+        if self.only_after_stage:
+            return None
+        dump = self.params.model_dump(mode="json") if hasattr(self.params, "model_dump") else self.params
+        return {"name": self.name, "params": dump}
+
+    def reads(self, ctx: StageContext) -> list[str]:
+        """The earlier modalities whose connectors this stage's training uses (their data passes through
+        them, or they are trained): their weights enter the step's content key."""
+        return list(ctx.seen[:-1]) if self.reads_old_modalities and not self.only_after_stage else []
+
+    def restore(self, ctx: StageContext) -> None:
+        """A reused step: rebuild what training left in the model besides the LLM's folds and the
+        connectors (own LLM modules), from ``ctx.llm_modules`` and ``ctx.tensors``."""
 
     def adapter(self, ctx: StageContext) -> "Continue | OwnModules | None":
         return None

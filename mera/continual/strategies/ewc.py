@@ -109,6 +109,16 @@ class EWC(Strategy):
         prev = ctx.history.last_trained()  # the adapter the previous stage trained, with its coefficient
         return Continue(*prev) if prev is not None else None
 
+    # the schedule's hint (mera.continual.rundir.families): only the stage after an expert reads an
+    # earlier modality (its Fisher), through the expert's connector, which no realign has changed yet
+    reads_old_modalities = False
+
+    def reads(self, ctx: StageContext) -> list[str]:
+        """The previous modality, where the stage estimates its Fisher (after an expert); else none."""
+        prefix = WPREFIX if self.fresh else PREFIX
+        saved = ctx.history.state() if ctx.history is not None else {}
+        return [] if any(k.startswith(prefix) for k in saved) else list(ctx.seen[-2:-1])
+
     # ------------------------------------------------------------------ Fisher
     def _targets(self, ctx) -> dict[str, torch.Tensor]:
         return _adapted_weights(ctx.model.llm) if self.fresh else lora_parameters(ctx.model.llm)

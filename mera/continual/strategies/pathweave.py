@@ -333,6 +333,16 @@ class PathWeave(Strategy):
     every old, frozen adapter, and its own gate); trained in step B instead of a LoRA."""
 
     name = "pathweave"
+    reads_old_modalities = False  # a stage trains on the new modality only; old paths stay frozen
+
+    def restore(self, ctx: StageContext) -> None:
+        if not ctx.llm_modules:
+            return
+        llm = ctx.model.llm
+        for name, m in wrapped_modules(llm).items():  # the parent's modules: rebuilt whole from the state
+            parent_name, _, attr = name.rpartition(".")
+            setattr(llm.get_submodule(parent_name) if parent_name else llm, attr, m.base)
+        install_from_state(llm, ctx.llm_modules, ctx.tensors, route=ctx.model.batch_modalities)
 
     def adapter(self, ctx: StageContext) -> OwnModules:
         llm = ctx.model.llm

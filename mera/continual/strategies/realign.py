@@ -15,6 +15,7 @@ class RealignParams(StrictModel):
 @register("strategy", "realign", RealignParams)
 class Realign(Strategy):
     name = "realign"
+    only_after_stage = True
 
     def replay_set(self, ctx):
         return [s for m in ctx.seen for s in ctx.replay(m, self.params.ratio)]
