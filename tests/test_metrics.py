@@ -12,7 +12,7 @@ import pytest
 
 from mera.errors import DataError
 from mera.eval.metrics import (
-    COLUMNS,
+    LEGACY_COLUMNS,
     ScoreRow,
     backward_rg,
     check_unique,
@@ -31,7 +31,7 @@ from mera.eval.metrics import (
 )
 
 FIXTURE = Path(__file__).parent / "data" / "paper_sequential_scores.csv"
-HEADER = ",".join(COLUMNS)
+HEADER = ",".join(LEGACY_COLUMNS)  # these tables are in the first release's format, without the seed column
 from hand_tables import HAND, PAPER_TABLE2, write  # noqa: E402
 
 # A hand table. Experts: image MSCOCO 100 (caption), image VQA 0.5 (qa), video V 50, audio A 10.
@@ -270,7 +270,7 @@ def test_error_missing_expert(tmp_path):
     message = error_of(tmp_path, text)
     assert "no expert row" in message and "'video'" in message and "'V'" in message
     # line 9: the video row, one line up since the expert line was removed
-    assert "line 9" in message and "M,o,2,video,V,caption,40" in message
+    assert "line 9" in message and "M,o,,2,video,V,caption,40" in message  # as_csv: the seed column (empty) after order
 
 
 def test_error_duplicate_row(tmp_path):
@@ -343,7 +343,8 @@ def test_error_expert_score_zero(tmp_path):
     "header,fragment",
     [
         ("method,order,stage,modality,dataset,score", "missing task"),
-        ("method,order,stage,modality,dataset,task,score,seed", "unexpected 'seed'"),
+        ("method,order,stage,modality,dataset,task,score,seed,run", "unexpected 'run'"),
+        ("method,order,seed,stage,modality,dataset,score", "missing task"),
         ("method,order,step,modality,dataset,task,score", "missing stage"),
     ],
 )

@@ -54,7 +54,8 @@ def test_json_for_paper_fixture(capsys):
     assert methods == ["Fine-Tuning", "Replay (1%)", "Replay (10%)", "EWC", "PathWeave", "MERA (1%)", "MERA (10%)"]
     expected = PAPER_TABLE2
     for e in obj["summary"]:
-        assert set(e) == {"method", "order", "bw_rg", "fw_rg", "bw_mean", "bw_std", "rg"}
+        assert set(e) == {"method", "order", "seed", "bw_rg", "fw_rg", "bw_mean", "bw_std", "rg"}
+        assert e["seed"] is None  # a table without the seed column: one seed
         assert e["order"] == "sequential"
         assert len(e["bw_rg"]) == len(e["fw_rg"]) == 4
         assert e["bw_rg"][0] == 100.0 and e["fw_rg"][0] == 100.0

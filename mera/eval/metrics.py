@@ -1,9 +1,12 @@
 """Continual-learning metrics over a long-format scores table (pure Python + numpy, no torch).
 
-The table (``scores.csv``) has exactly the columns
-``method,order,stage,modality,dataset,task,score``. ``task`` is ``caption`` (score =
-CIDEr x100) or ``qa`` (accuracy in [0, 1]). Rows whose method is ``expert`` have an
-empty stage: they are the upper bounds ``S_sup`` (one model trained on one modality).
+The table (``scores.csv``) has the columns
+``method,order,seed,stage,modality,dataset,task,score``; files of the first release, without
+the ``seed`` column, are read too (every row then has seed None: one seed). ``task`` is
+``caption`` (score = CIDEr x100) or ``qa`` (accuracy in [0, 1]). Rows whose method is
+``expert`` have an empty stage: they are the upper bounds ``S_sup`` (one model trained on one
+modality). ``seed`` is the training seed of the run (an integer; empty = None). Each seed
+trains its own experts, so a row's upper bound is the expert of the same seed.
 
 Definitions (METHOD.md section 5), all reported in percent:
 
@@ -13,9 +16,12 @@ Definitions (METHOD.md section 5), all reported in percent:
   first seen before stage i); 100 at stage 1 by definition.
 - Forward RG at stage i >= 2: ``RG_i^i`` of the modality introduced at stage i; 100 at
   stage 1 by definition.
-- Summary of one (method, order): mean and sample std (ddof=1) of the backward RGs of
-  all m stages, stage 1's 100 included. Headline: last stage's backward RG averaged
-  over the orders present.
+- Summary of one (method, order, seed): mean and sample std (ddof=1) of the backward RGs
+  of all m stages, stage 1's 100 included. Headline: last stage's backward RG averaged
+  over the orders present (then over the seeds, when there are several).
+
+Statistics over several seeds (t-intervals, paired differences, the paper's orderings) are
+in :mod:`mera.eval.seeds`.
 
 Every malformed input raises :class:`mera.errors.DataError` naming the file and line.
 """
@@ -30,7 +36,8 @@ from typing import Iterable, Mapping, Sequence
 
 from mera.errors import DataError
 
-COLUMNS = ("method", "order", "stage", "modality", "dataset", "task", "score")
+COLUMNS = ("method", "order", "seed", "stage", "modality", "dataset", "task", "score")
+LEGACY_COLUMNS = tuple(c for c in COLUMNS if c != "seed")  # the first release's header: no seed column
 EXPERT = "expert"
 TASKS = ("caption", "qa")
 
@@ -48,6 +55,7 @@ class ScoreRow:
     score: float
     source: str = "<memory>"
     line: int = 0
+    seed: int | None = None  # None: the table has no seed (one seed)
 
     @property
     def is_expert(self) -> bool:
@@ -59,16 +67,18 @@ class ScoreRow:
 
     @property
     def key(self) -> tuple:
-        return (self.method, self.order, self.stage, self.modality, self.dataset)
+        return (self.method, self.order, self.seed, self.stage, self.modality, self.dataset)
 
     def as_csv(self) -> str:
+        """The row as a line of the :data:`COLUMNS` header (an empty cell for a None seed or stage)."""
         stage = "" if self.stage is None else str(self.stage)
-        return ",".join([self.method, self.order, stage, self.modality, self.dataset, self.task, f"{self.score:g}"])
+        seed = "" if self.seed is None else str(self.seed)
+        return ",".join([self.method, self.order, seed, stage, self.modality, self.dataset, self.task, f"{self.score:g}"])
 
 
 @dataclass
 class RunMetrics:
-    """Metrics of one (method, order) run; stage i is at list index i-1.
+    """Metrics of one (method, order, seed) run; stage i is at list index i-1.
 
     ``modalities`` are in the order they were introduced (``modalities[i-1]`` is new at
     stage i); ``rg[i-1]`` maps each modality seen by stage i to ``RG_j^i`` (percent).
@@ -84,6 +94,7 @@ class RunMetrics:
     bw_std: float  # NaN with a single stage (sample std undefined)
     source: str = ""
     datasets: dict[str, list[str]] = field(default_factory=dict)
+    seed: int | None = None
 
     @property
     def num_stages(self) -> int:
@@ -104,7 +115,8 @@ class RunMetrics:
 
 
 def format_rows(rows: Iterable[Mapping]) -> str:
-    """CSV text (header first) of ``rows``, mappings with the keys of :data:`COLUMNS` (missing: empty)."""
+    """CSV text (header first) of ``rows``, mappings with the keys of :data:`COLUMNS` (missing: empty,
+    so a row without ``seed`` writes an empty seed cell)."""
     import io
 
     buf = io.StringIO()
@@ -138,8 +150,21 @@ def _parse_score(text: str, where: str, task: str) -> float:
     return value
 
 
+def _parse_seed(text: str, where: str, cells: Sequence[str]) -> int | None:
+    """A seed cell: empty -> None, else a non-negative integer written in decimal digits."""
+    if not text:
+        return None
+    if not text.isdecimal() or not text.isascii():
+        raise DataError(f"{where}: seed {text!r} is not a non-negative integer ({','.join(cells)})")
+    return int(text)
+
+
 def parse_scores(lines: Iterable[str], source: str = "<memory>") -> list[ScoreRow]:
-    """Parse CSV text (an iterable of lines, header first) into rows; ``source`` names it in errors."""
+    """Parse CSV text (an iterable of lines, header first) into rows; ``source`` names it in errors.
+
+    The header has the :data:`COLUMNS` (any order), or the same without ``seed`` (the first
+    release's files: every row gets seed None). An empty seed cell is None too.
+    """
     reader = csv.reader(lines)
     try:
         header = next(reader)
@@ -148,8 +173,9 @@ def parse_scores(lines: Iterable[str], source: str = "<memory>") -> list[ScoreRo
     except csv.Error as e:
         raise DataError(f"{source}, line 1: {e}") from None
     names = [h.strip() for h in header]
-    missing = [c for c in COLUMNS if c not in names]
-    extra = [h for h in names if h not in COLUMNS]
+    columns = COLUMNS if "seed" in names else LEGACY_COLUMNS
+    missing = [c for c in columns if c not in names]
+    extra = [h for h in names if h not in columns]
     dup = sorted({h for h in names if names.count(h) > 1})
     if missing or extra or dup:
         parts = []
@@ -159,10 +185,11 @@ def parse_scores(lines: Iterable[str], source: str = "<memory>") -> list[ScoreRo
             parts.append("unexpected " + ", ".join(repr(h) for h in extra))
         if dup:
             parts.append("repeated " + ", ".join(dup))
+        also = f" (or {','.join(COLUMNS)}, with the training seed)" if columns is LEGACY_COLUMNS else ""
         raise DataError(
-            f"{source}, line 1: wrong header ({'; '.join(parts)}); expected exactly {','.join(COLUMNS)}"
+            f"{source}, line 1: wrong header ({'; '.join(parts)}); expected exactly {','.join(columns)}{also}"
         )
-    index = {name: names.index(name) for name in COLUMNS}
+    index = {name: names.index(name) for name in columns}
     rows: list[ScoreRow] = []
     while True:
         try:
@@ -197,8 +224,10 @@ def parse_scores(lines: Iterable[str], source: str = "<memory>") -> list[ScoreRo
             if stage < 1:
                 raise DataError(f"{where}: stage {stage} is not a positive integer (stages count from 1)")
         score = _parse_score(get["score"], where, get["task"])
+        seed = _parse_seed(get.get("seed", ""), where, cells)
         rows.append(
-            ScoreRow(get["method"], get["order"], stage, get["modality"], get["dataset"], get["task"], score, source, line)
+            ScoreRow(get["method"], get["order"], stage, get["modality"], get["dataset"], get["task"], score, source, line,
+                     seed)
         )
     return rows
 
@@ -228,50 +257,64 @@ def read_scores(paths: str | os.PathLike | Sequence[str | os.PathLike]) -> list[
 
 
 def check_unique(rows: Iterable[ScoreRow]) -> None:
-    """Raise DataError on two rows with the same (method, order, stage, modality, dataset)."""
+    """Raise DataError on two rows with the same (method, order, seed, stage, modality, dataset)."""
     seen: dict[tuple, ScoreRow] = {}
     for row in rows:
         first = seen.setdefault(row.key, row)
         if first is not row:
+            seed = "" if row.seed is None else f" (seed {row.seed})"
             raise DataError(
                 f"{row.where}: duplicated row ({row.as_csv()}); the same method, order, stage, "
-                f"modality and dataset is already at {first.where}"
+                f"modality and dataset{seed} is already at {first.where}"
             )
 
 
-def expert_table(rows: Iterable[ScoreRow]) -> dict[tuple[str, str, str], ScoreRow]:
-    """Expert rows keyed by (order, modality, dataset); raises DataError on a zero expert score."""
-    table: dict[tuple[str, str, str], ScoreRow] = {}
+def expert_table(rows: Iterable[ScoreRow]) -> dict[tuple[str, str, str, int | None], ScoreRow]:
+    """Expert rows keyed by (order, modality, dataset, seed); raises DataError on a zero expert score."""
+    table: dict[tuple[str, str, str, int | None], ScoreRow] = {}
     for row in rows:
         if row.is_expert:
             if row.score == 0:
                 raise DataError(
                     f"{row.where}: expert score is 0 ({row.as_csv()}); it is the denominator of the relative gain"
                 )
-            table.setdefault((row.order, row.modality, row.dataset), row)
+            table.setdefault((row.order, row.modality, row.dataset, row.seed), row)
     return table
 
 
-def find_expert(experts: Mapping[tuple[str, str, str], ScoreRow], row: ScoreRow) -> ScoreRow:
-    """The upper bound ``S_sup`` for ``row``: the expert of the same order, modality and dataset.
+def find_expert(experts: Mapping[tuple[str, str, str, int | None], ScoreRow], row: ScoreRow) -> ScoreRow:
+    """The upper bound ``S_sup`` for ``row``: the expert of the same order, modality, dataset and seed
+    (each seed trains its own experts; a row without seed matches the experts without seed).
 
-    Without one for that order, fall back to the experts of other orders if they all
-    agree on the score; otherwise raise DataError.
+    Without one for that order, fall back to the same seed's experts of other orders if they
+    all agree on the score. A seeded row for whose seed there is no expert of that modality
+    and dataset at all uses the experts without seed (experts shared by every seed) the same
+    way. Otherwise raise DataError.
     """
-    own = experts.get((row.order, row.modality, row.dataset))
+    seed = row.seed
+    if seed is not None and not any(m == row.modality and d == row.dataset and s == seed for (_, m, d, s) in experts):
+        seed = None  # no expert of this seed for the data set: the experts shared by every seed, if any
+    own = experts.get((row.order, row.modality, row.dataset, seed))
     if own is None:
-        others = [e for (o, m, d), e in experts.items() if m == row.modality and d == row.dataset]
-        if not others:
+        others = [e for (_, m, d, s), e in experts.items() if m == row.modality and d == row.dataset and s == seed]
+        if not others and row.seed is None:
             raise DataError(
                 f"{row.where}: no expert row for modality {row.modality!r}, dataset {row.dataset!r} "
                 f"(needed by {row.as_csv()}); add a row like "
                 f"'expert,{row.order},,{row.modality},{row.dataset},{row.task},<score>'"
             )
+        if not others:
+            raise DataError(
+                f"{row.where}: no expert row for modality {row.modality!r}, dataset {row.dataset!r}, "
+                f"seed {row.seed} (needed by {row.as_csv()}); add a row like "
+                f"'expert,{row.order},{row.seed},,{row.modality},{row.dataset},{row.task},<score>'"
+            )
         if any(e.score != others[0].score for e in others):
             listed = "; ".join(f"{e.where}: {e.as_csv()}" for e in others)
+            of_seed = "" if seed is None else f" of seed {seed}"
             raise DataError(
                 f"{row.where}: no expert row of order {row.order!r} for modality {row.modality!r}, "
-                f"dataset {row.dataset!r}, and the experts of other orders disagree ({listed})"
+                f"dataset {row.dataset!r}, and the experts{of_seed} of other orders disagree ({listed})"
             )
         own = others[0]
     if own.task != row.task:
@@ -282,7 +325,7 @@ def find_expert(experts: Mapping[tuple[str, str, str], ScoreRow], row: ScoreRow)
 
 
 def modality_schedule(run_rows: Sequence[ScoreRow]) -> list[str]:
-    """The modality introduced at each stage of one (method, order) run, in stage order.
+    """The modality introduced at each stage of one (method, order, seed) run, in stage order.
 
     The modality new at stage i is the one present at stage i and absent at stage i-1.
     Raises DataError when a stage number is missing, a modality present at stage i-1 is
@@ -295,7 +338,7 @@ def modality_schedule(run_rows: Sequence[ScoreRow]) -> list[str]:
     for row in run_rows:
         by_stage.setdefault(row.stage, []).append(row)
     first = run_rows[0]
-    name = f"method {first.method!r}, order {first.order!r}"
+    name = f"method {first.method!r}, order {first.order!r}" + ("" if first.seed is None else f", seed {first.seed}")
     last = max(by_stage)
     for stage in range(1, last + 1):
         if stage not in by_stage:
@@ -385,30 +428,37 @@ def mean_std(values: Sequence[float]) -> tuple[float, float]:
 # ----------------------------------------------------------------------------- tables
 
 
-def _runs(rows: Sequence[ScoreRow]) -> dict[tuple[str, str], list[ScoreRow]]:
-    """Non-expert rows grouped by (method, order): methods in order of first appearance, then orders."""
+def seed_order(seed: int | None) -> tuple[int, int]:
+    """Sort key of seeds: None (no seed) first, then the seeds by value."""
+    return (0, 0) if seed is None else (1, seed)
+
+
+def _runs(rows: Sequence[ScoreRow]) -> dict[tuple[str, str, int | None], list[ScoreRow]]:
+    """Non-expert rows grouped by (method, order, seed): methods in order of first appearance, then
+    orders (order of first appearance), then seeds (by value, None first)."""
     method_rank: dict[str, int] = {}
     order_rank: dict[str, int] = {}
-    groups: dict[tuple[str, str], list[ScoreRow]] = {}
+    groups: dict[tuple[str, str, int | None], list[ScoreRow]] = {}
     for row in rows:
         order_rank.setdefault(row.order, len(order_rank))
         if row.is_expert:
             continue
         method_rank.setdefault(row.method, len(method_rank))
-        groups.setdefault((row.method, row.order), []).append(row)
-    keys = sorted(groups, key=lambda k: (method_rank[k[0]], order_rank[k[1]]))
+        groups.setdefault((row.method, row.order, row.seed), []).append(row)
+    keys = sorted(groups, key=lambda k: (method_rank[k[0]], order_rank[k[1]], seed_order(k[2])))
     return {k: groups[k] for k in keys}
 
 
 def run_metrics(rows: Sequence[ScoreRow]) -> list[RunMetrics]:
-    """All metrics of every (method, order) in ``rows`` (methods in order of first appearance).
+    """All metrics of every (method, order, seed) in ``rows`` (methods in order of first appearance,
+    then orders, then seeds).
 
     Validates the whole table first (duplicates, experts, stage schedule).
     """
     check_unique(rows)
     experts = expert_table(rows)
     out: list[RunMetrics] = []
-    for (method, order), run_rows in _runs(rows).items():
+    for (method, order, seed), run_rows in _runs(rows).items():
         schedule = modality_schedule(run_rows)
         by_stage: dict[int, dict[str, list[tuple[float, float]]]] = {}
         for row in run_rows:
@@ -430,28 +480,46 @@ def run_metrics(rows: Sequence[ScoreRow]) -> list[RunMetrics]:
         for row in run_rows:
             if row.dataset not in datasets[row.modality]:
                 datasets[row.modality].append(row.dataset)
-        out.append(RunMetrics(method, order, schedule, rg, bw, fw, mean, std, run_rows[0].source, datasets))
+        out.append(RunMetrics(method, order, schedule, rg, bw, fw, mean, std, run_rows[0].source, datasets, seed))
     return out
 
 
-def relative_gains(rows: Sequence[ScoreRow]) -> dict[tuple[str, str], list[dict[str, float]]]:
-    """``{(method, order): [ {modality: RG_j^i in percent} for each stage i ]}``.
+def relative_gains(rows: Sequence[ScoreRow]) -> dict[tuple, list[dict[str, float]]]:
+    """``{(method, order): [ {modality: RG_j^i in percent} for each stage i ]}``; with several
+    seeds the keys are ``(method, order, seed)``.
 
     ``RG_j^i = 100 * (1/K) * sum_k S_{j,k}^i / S_sup_{j,k}``; denominator: the expert
     score of each dataset, then K, the modality's number of datasets.
     """
-    return {(r.method, r.order): r.rg for r in run_metrics(rows)}
+    runs = run_metrics(rows)
+    if len(seeds_of(runs)) > 1:
+        return {(r.method, r.order, r.seed): r.rg for r in runs}
+    return {(r.method, r.order): r.rg for r in runs}
+
+
+def seeds_of(runs: Iterable[RunMetrics]) -> list[int | None]:
+    """The distinct seeds of ``runs``, sorted (None first)."""
+    return sorted({r.seed for r in runs}, key=seed_order)
+
+
+def last_stage_bw_by_seed(runs: Sequence[RunMetrics]) -> dict[str, dict[int | None, float]]:
+    """Per method and seed: ``(1/O) * sum_o BW_m^o``, the last stage's backward RG of each order o
+    that seed ran (denominator: that number O of orders). Seeds sorted, None first."""
+    acc: dict[str, dict[int | None, list[float]]] = {}
+    for r in runs:
+        acc.setdefault(r.method, {}).setdefault(r.seed, []).append(r.bw_rg[-1])
+    return {m: {s: sum(v) / len(v) for s, v in sorted(by.items(), key=lambda kv: seed_order(kv[0]))}
+            for m, by in acc.items()}
 
 
 def last_stage_bw(runs: Sequence[RunMetrics]) -> dict[str, float]:
     """Headline per method: ``(1/O) * sum_o BW_m^o``, the last stage's backward RG of each order o.
 
-    Denominator: the number O of orders present for that method.
+    Denominator: the number O of orders present for that method. With several seeds, this is
+    computed per seed (:func:`last_stage_bw_by_seed`) and then averaged over the method's seeds
+    (denominator: its number of seeds).
     """
-    acc: dict[str, list[float]] = {}
-    for r in runs:
-        acc.setdefault(r.method, []).append(r.bw_rg[-1])
-    return {m: sum(v) / len(v) for m, v in acc.items()}
+    return {m: sum(by.values()) / len(by) for m, by in last_stage_bw_by_seed(runs).items()}
 
 
 def _json_float(x: float | None) -> float | None:
@@ -460,14 +528,29 @@ def _json_float(x: float | None) -> float | None:
     return float(x)
 
 
-def summary_object(runs: Sequence[RunMetrics]) -> dict:
-    """The JSON-ready summary of ``runs`` (NaN written as null); see :func:`summarize`."""
+def summary_object(runs: Sequence[RunMetrics], level: float = 0.95) -> dict:
+    """The JSON-ready summary of ``runs`` (NaN written as null); see :func:`summarize`.
+
+    With several seeds the over-seed part of :func:`mera.eval.seeds.over_seed_object` is added
+    (``seeds``, ``per_seed``, ``over_seeds``, ``paired``, ``orderings``; ``level``: the
+    confidence level of its intervals) and ``last_stage_bw`` is the mean over the seeds.
+    """
+    obj = _one_seed_summary(runs)
+    if len(seeds_of(runs)) > 1:
+        from mera.eval.seeds import over_seed_object
+
+        obj.update(over_seed_object(runs, level))
+    return obj
+
+
+def _one_seed_summary(runs: Sequence[RunMetrics]) -> dict:
     summary = []
     for r in runs:
         summary.append(
             {
                 "method": r.method,
                 "order": r.order,
+                "seed": r.seed,
                 "bw_rg": [_json_float(x) for x in r.bw_rg],
                 "fw_rg": [_json_float(x) for x in r.fw_rg],
                 "bw_mean": _json_float(r.bw_mean),
@@ -478,14 +561,17 @@ def summary_object(runs: Sequence[RunMetrics]) -> dict:
     return {"summary": summary, "last_stage_bw": last_stage_bw(runs)}
 
 
-def summarize(rows: Sequence[ScoreRow]) -> dict:
+def summarize(rows: Sequence[ScoreRow], level: float = 0.95) -> dict:
     """The metrics of a whole scores table as one JSON-ready object (percent throughout)::
 
-        {"summary": [{"method", "order", "bw_rg": [per stage], "fw_rg": [per stage],
+        {"summary": [{"method", "order", "seed", "bw_rg": [per stage], "fw_rg": [per stage],
                       "bw_mean", "bw_std", "rg": {modality: [per stage or null]}}],
-         "last_stage_bw": {method: last-stage backward RG averaged over its orders}}
+         "last_stage_bw": {method: last-stage backward RG averaged over its orders (then seeds)}}
 
     ``bw_mean``/``bw_std``: mean and sample std (ddof=1) over the m stages' backward RGs,
-    stage 1's 100 included (denominators m and m-1).
+    stage 1's 100 included (denominators m and m-1). One entry per (method, order, seed);
+    ``seed`` is null for a table without seeds. With two seeds or more the object also has
+    ``seeds``, ``per_seed``, ``over_seeds``, ``paired`` and ``orderings``
+    (:func:`mera.eval.seeds.over_seed_object`).
     """
-    return summary_object(run_metrics(rows))
+    return summary_object(run_metrics(rows), level)

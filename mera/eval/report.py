@@ -3,6 +3,12 @@
 ``mera report SCORES.csv [...] [--out DIR] [--json]`` calls :func:`report_command`; the
 run command calls :func:`write_report` at the end of a run. Everything is computed
 before anything is written, so a malformed input leaves an existing report untouched.
+
+A table with one seed (or none) gives the report of the first release, unchanged. With two
+seeds or more the main table shows mean +- std over the seeds with a t-interval of the
+headline, followed by the paired differences and the verdicts on the paper's orderings
+(:mod:`mera.eval.seeds`); the other tables, the per-stage progression and the heatmaps show
+means over the seeds, and the Backward / Forward RG figures a mean +- std band.
 """
 
 from __future__ import annotations
@@ -17,7 +23,7 @@ from pathlib import Path
 from typing import Sequence
 
 from mera.errors import DataError
-from mera.eval.metrics import RunMetrics, ScoreRow, read_scores, run_metrics, summary_object
+from mera.eval.metrics import RunMetrics, ScoreRow, last_stage_bw, read_scores, run_metrics, seeds_of, summary_object
 from mera.io import atomic_path, write_json, write_text
 
 UP = "\u2191"  # ↑ positive backward transfer marker
@@ -134,10 +140,16 @@ def _signed(x: float) -> str:
     return _fmt(x) if x < 0 or math.isnan(x) else "+" + _fmt(x)
 
 
-def _extra_tables(runs: Sequence[RunMetrics], efficiency: dict | None) -> list[str]:
+def _extra_tables(runs: Sequence[RunMetrics], efficiency: dict | None, headline: dict[str, float] | None = None,
+                  n_seeds: int = 1) -> list[str]:
+    """The ablation, realign and efficiency tables. With several seeds ``runs`` are the means over
+    the seeds (:func:`mera.eval.seeds.mean_runs`), ``headline`` the mean last-stage BW over the
+    seeds and ``n_seeds`` their number (the notes under the tables say so)."""
     methods, orders = _methods_orders(runs)
     by_key = {(r.method, r.order): r for r in runs}
-    headline = summary_object(runs)["last_stage_bw"]
+    if headline is None:
+        headline = summary_object(runs)["last_stage_bw"]
+    seed_note = "" if n_seeds < 2 else f" Each number is the mean over the {n_seeds} seeds."
 
     def cell(m, o):
         r = by_key.get((m, o))
@@ -155,7 +167,7 @@ def _extra_tables(runs: Sequence[RunMetrics], efficiency: dict | None) -> list[s
             mark = lambda b: "\u2713" if b else "\u2717"  # noqa: E731
             lines.append(f"| {_cell(m)} | {mark(mg)} | {mark(ra)} | "
                          + " | ".join(cell(m, o) for o in orders) + f" | {headline[m]:.2f} |")
-        lines += ["", f"Backward RG, mean {PM} std over the stages, as in the main table.", ""]
+        lines += ["", f"Backward RG, mean {PM} std over the stages, as in the main table." + seed_note, ""]
     pairs = realign_pairs(methods)
     if pairs:
         lines += ["## What realign adds to each method (like the paper's Table 5)", "",
@@ -172,7 +184,7 @@ def _extra_tables(runs: Sequence[RunMetrics], efficiency: dict | None) -> list[s
             lines.append(f"| {_cell(a)} | {_cell(b)} | " + " | ".join(cells) + " |")
         lines += ["", "\u0394mean / \u0394std: the method with realign minus the method alone, in points of "
                   f"Backward RG (mean {PM} std over the stages). Realign added to fine-tuning is the "
-                  "realign-only ablation.", ""]
+                  "realign-only ablation." + seed_note, ""]
     if efficiency:
         kinds = {e.get("memory_kind") for e in efficiency.values() if e.get("memory_kind")}
         mem = "GPU peak allocated" if kinds == {"cuda"} else "process peak RSS"
@@ -192,13 +204,21 @@ def _extra_tables(runs: Sequence[RunMetrics], efficiency: dict | None) -> list[s
                   "the orders; peak memory is the largest over those stages. Inference: the final model of "
                   "the first order, batch size 1, a fixed number of new tokens per prompt (prefill included). "
                   "On a CPU the memory figures are the whole process's resident set, so only their "
-                  "differences between methods mean something.", ""]
+                  "differences between methods mean something."
+                  + ("" if n_seeds < 2 else " With several seeds, the training time is averaged over the seeds too, "
+                     "the peak is the largest of all seeds, and inference is profiled on the first seed's model."), ""]
     return lines
 
 
-def render_markdown(runs: Sequence[RunMetrics], sources: Sequence[str] = (), efficiency: dict | None = None) -> str:
+def render_markdown(runs: Sequence[RunMetrics], sources: Sequence[str] = (), efficiency: dict | None = None,
+                    level: float = 0.95) -> str:
     """The Markdown report: a Table-2-style summary; the ablation, realign and efficiency tables
-    when the run has them; then each run's per-stage progression."""
+    when the run has them; then each run's per-stage progression.
+
+    With two seeds or more: :func:`_render_seeds` (mean +- std over the seeds, ``level``
+    t-intervals, paired differences and the paper's orderings)."""
+    if len(seeds_of(runs)) > 1:
+        return _render_seeds(runs, sources, efficiency, level)
     methods, orders = _methods_orders(runs)
     headline = summary_object(runs)["last_stage_bw"]
     lines: list[str] = ["# Continual-learning report", ""]
@@ -228,17 +248,26 @@ def render_markdown(runs: Sequence[RunMetrics], sources: Sequence[str] = (), eff
         "Last-stage BW: the last stage's Backward RG, averaged over the orders present.",
         "",
         *_extra_tables(runs, efficiency),
-        "## Per-stage progression",
-        "",
-        "RG of a modality = mean over its datasets of score / expert score, in %. "
-        "Backward RG = mean RG of the modalities seen before the stage; Forward RG = RG of the "
-        "modality new at the stage; both are 100% at stage 1 by definition.",
-        "",
+        *_progression(runs),
     ]
+    return "\n".join(lines)
+
+
+PROGRESSION_NOTE = ("RG of a modality = mean over its datasets of score / expert score, in %. "
+                    "Backward RG = mean RG of the modalities seen before the stage; Forward RG = RG of the "
+                    "modality new at the stage; both are 100% at stage 1 by definition.")
+
+
+def _progression(runs: Sequence[RunMetrics], suffixes: dict[tuple[str, str], str] | None = None,
+                 note: str = "") -> list[str]:
+    """The "Per-stage progression" section: one table per run; ``suffixes[(method, order)]`` is
+    appended to a run's heading, ``note`` to the section's first paragraph."""
+    lines = ["## Per-stage progression", "", PROGRESSION_NOTE + note, ""]
     for r in runs:
         mods = r.modalities
+        suffix = (suffixes or {}).get((r.method, r.order), "")
         lines += [
-            f"### {r.method}, order {r.order} ({' → '.join(mods)})",
+            f"### {r.method}, order {r.order} ({' → '.join(mods)}){suffix}",
             "",
             "| stage | new | " + " | ".join(_cell(m) for m in mods) + " | Backward RG | Forward RG |",
             "|---" * (len(mods) + 4) + "|",
@@ -265,6 +294,113 @@ def render_markdown(runs: Sequence[RunMetrics], sources: Sequence[str] = (), eff
         "value at the previous stage. " + DASH + " marks a modality not seen yet.",
         "",
     ]
+    return lines
+
+
+# ----------------------------------------------------------------------------- several seeds
+
+
+VERDICT_WORDS = {
+    "holds": "holds: the {pct} CI of the difference is above 0, so {a} is better with {pct} confidence",
+    "reversed": "reversed: the {pct} CI of the difference is below 0, so {b} is better with {pct} confidence",
+    "inconclusive": "inconclusive: the {pct} CI of the difference contains 0",
+    "one seed": "one seed: fewer than 2 seeds ran both methods, so there is no interval",
+}
+
+
+def _pm(mean: float, std: float) -> str:
+    return f"{mean:.2f} {PM} {'n/a' if math.isnan(std) else f'{std:.2f}'}"
+
+
+def _ci(lo: float, hi: float, signed: bool = False) -> str:
+    if math.isnan(lo) or math.isnan(hi):
+        return "n/a"
+    f = _signed if signed else _fmt
+    return f"[{f(lo)}, {f(hi)}]"
+
+
+def _seeds_word(n: int) -> str:
+    return f"{n} seed" if n == 1 else f"{n} seeds"
+
+
+def _seed_list(seeds: Sequence) -> str:
+    return ", ".join("none" if s is None else str(s) for s in seeds)
+
+
+def _render_seeds(runs: Sequence[RunMetrics], sources: Sequence[str], efficiency: dict | None, level: float) -> str:
+    """The report of a table with two seeds or more (see :func:`render_markdown`)."""
+    from mera.eval.seeds import mean_runs, paired_differences, summarize_seeds
+
+    methods, orders = _methods_orders(runs)
+    seeds = seeds_of(runs)
+    pct = f"{100 * level:g}%"
+    summaries = summarize_seeds(runs, level)
+    lines: list[str] = ["# Continual-learning report", ""]
+    if sources:
+        lines += ["Scores: " + ", ".join(f"`{s}`" for s in sources), ""]
+    lines += [
+        "## Backward relative gain (%)",
+        "",
+        "| method | seeds | " + " | ".join(_cell(o) for o in orders) + f" | last-stage BW (avg over orders) | {pct} CI |",
+        "|---" * (len(orders) + 4) + "|",
+    ]
+    for m in methods:
+        ms = summaries[m]
+        cells = [DASH if o not in ms.orders else _pm(ms.orders[o].bw_mean.mean, ms.orders[o].bw_mean.std) for o in orders]
+        h = ms.last_stage_bw
+        lines.append(f"| {_cell(m)} | {len(ms.seeds)} | " + " | ".join(cells) + f" | {_pm(h.mean, h.std)} | {_ci(h.lo, h.hi)} |")
+    lines += [
+        "",
+        f"{len(seeds)} seeds ({_seed_list(seeds)}); the seeds column counts those each method ran. Every number is "
+        f"computed per seed, then given as mean {PM} sample standard deviation (n-1) over the n seeds. Each order's "
+        "cell: the mean Backward Relative Gain over all stages, stage 1 (100% by definition) included. Last-stage BW: "
+        f"the last stage's Backward RG, averaged over the orders present. {pct} CI: mean {PM} "
+        f"t_{{{(1 + level) / 2:g}, n-1}} {chr(0xB7)} std / {chr(0x221A)}n, Student's t-distribution over the seeds.",
+        "",
+    ]
+    paired = paired_differences(runs, level)
+    lines += ["## Paired differences", ""]
+    if paired:
+        lines += ["| pair (A − B) | statistic | n | mean difference | " + pct + " CI | verdict |",
+                  "|---|---|---|---|---|---|"]
+        for p in paired:
+            stat = "last-stage BW" if p.statistic == "last_stage_bw" else f"mean BW, {_cell(p.order)}"
+            iv = p.interval
+            lines.append(f"| {_cell(p.a)} − {_cell(p.b)} | {stat} | {p.n} | {_signed(iv.mean)} | "
+                         f"{_ci(iv.lo, iv.hi, signed=True)} | {p.verdict} |")
+        lines += ["", "Per seed, A's value minus B's, on the seeds both methods ran (n), in points of relative gain; "
+                  f"then the mean and the {pct} t-interval of those differences (a paired interval). "
+                  f"holds: the CI is above 0 (A is better with {pct} confidence); reversed: it is below 0; "
+                  "inconclusive: it contains 0; one seed: n < 2, no interval.", ""]
+    else:
+        lines += ["None of the pairs the paper compares is present in this table.", ""]
+    lines += ["## The paper's orderings on this run", ""]
+    heads = [p for p in paired if p.statistic == "last_stage_bw"]
+    if heads:
+        lines += ["Each ordering the paper claims that these methods can form, judged on the last-stage BW "
+                  "(the paper's headline), with the verdict on each order's mean BW after it.", ""]
+        for p in heads:
+            iv = p.interval
+            words = VERDICT_WORDS[p.verdict].format(pct=pct, a=p.a, b=p.b)
+            numbers = (f"{p.a} − {p.b} = {_signed(iv.mean)} points" +
+                       ("" if p.verdict == "one seed" else f", {pct} CI {_ci(iv.lo, iv.hi, signed=True)}") +
+                       f", n = {_seeds_word(p.n)}")
+            by_order = [f"{q.order} {q.verdict}" for q in paired
+                        if q.statistic == "bw_mean" and (q.a, q.b) == (p.a, p.b)]
+            lines.append(f"- **{_cell(p.a)} above {_cell(p.b)}** ({'; '.join(p.claims)}): {words} ({numbers})."
+                         + (f" Mean BW per order: {', '.join(by_order)}." if by_order else ""))
+        lines.append("")
+    else:
+        lines += ["None of the orderings the paper claims can be formed from these methods.", ""]
+    means = mean_runs(runs)
+    counts: dict[tuple[str, str], int] = {}
+    for r in runs:
+        counts[(r.method, r.order)] = counts.get((r.method, r.order), 0) + 1
+    suffixes = {k: f", mean over {_seeds_word(n)}" for k, n in counts.items()}
+    lines += [
+        *_extra_tables(means, efficiency, last_stage_bw(runs), len(seeds)),
+        *_progression(means, suffixes, " With several seeds, each number is the mean over the seeds that ran the stage."),
+    ]
     return "\n".join(lines)
 
 
@@ -277,7 +413,10 @@ def _png(fig) -> bytes:
     return buf.getvalue()
 
 
-def _line_figure(series: dict[str, list[float]], ylabel: str, title: str) -> bytes:
+def _line_figure(series: dict[str, list[float]], ylabel: str, title: str,
+                 bands: dict[str, list[float]] | None = None) -> bytes:
+    """Lines per method; ``bands[method][i]``: half-width of a shaded band around stage i+1
+    (mean +- std over the seeds; NaN: no band there)."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
@@ -288,8 +427,12 @@ def _line_figure(series: dict[str, list[float]], ylabel: str, title: str) -> byt
     markers = "osD^v<>ph*"
     for k, (method, values) in enumerate(series.items()):
         # matplotlib's 10 colours repeat: later series get another line style and marker
-        ax.plot(range(1, len(values) + 1), values, marker=markers[k % len(markers)],
-                linestyle=("-", "--", ":")[(k // 10) % 3], label=method)
+        (line,) = ax.plot(range(1, len(values) + 1), values, marker=markers[k % len(markers)],
+                          linestyle=("-", "--", ":")[(k // 10) % 3], label=method)
+        if bands is not None and method in bands:
+            half = [0.0 if math.isnan(h) else h for h in bands[method]]
+            ax.fill_between(range(1, len(values) + 1), [v - h for v, h in zip(values, half)],
+                            [v + h for v, h in zip(values, half)], color=line.get_color(), alpha=0.2, linewidth=0)
     ax.axhline(100.0, color="grey", linestyle="--", linewidth=0.8)
     ax.set_xticks(range(1, n + 1))
     ax.set_xlabel("stage")
@@ -303,7 +446,7 @@ def _line_figure(series: dict[str, list[float]], ylabel: str, title: str) -> byt
     return _png(fig)
 
 
-def _heatmap(run: RunMetrics) -> bytes:
+def _heatmap(run: RunMetrics, suffix: str = "") -> bytes:
     import numpy as np
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
@@ -325,26 +468,45 @@ def _heatmap(run: RunMetrics) -> bytes:
     ax.set_yticks(range(n_stages), [f"{i + 1} ({m})" for i, m in enumerate(run.modalities)])
     ax.set_xlabel("modality")
     ax.set_ylabel("stage (new modality)")
-    ax.set_title(f"{run.method}, {run.order}: RG (% of expert)")
+    ax.set_title(f"{run.method}, {run.order}: RG (% of expert){suffix}")
     fig.colorbar(image, ax=ax, label="RG %")
     return _png(fig)
 
 
-def render_figures(runs: Sequence[RunMetrics]) -> dict[str, bytes]:
+def render_figures(runs: Sequence[RunMetrics], level: float = 0.95) -> dict[str, bytes]:
     """PNG bytes by file name: backward_rg.png, forward_rg.png (per method, averaged over
-    orders) and accuracy_<method-slug>_<order-slug>.png per run."""
+    orders) and accuracy_<method-slug>_<order-slug>.png per run.
+
+    With two seeds or more each line is the mean over the seeds (of each seed's mean over its
+    orders) with a mean +- std band, and the heatmaps are means over the seeds."""
     _, orders = _methods_orders(runs)
     note = f" (mean over orders: {', '.join(orders)})" if len(orders) > 1 else f" (order: {orders[0]})"
-    figures = {
-        "backward_rg.png": _line_figure(_stage_means(runs, "bw_rg"), "Backward RG (%)", "Backward relative gain" + note),
-        "forward_rg.png": _line_figure(_stage_means(runs, "fw_rg"), "Forward RG (%)", "Forward relative gain" + note),
-    }
-    for r in runs:
+    seeds = seeds_of(runs)
+    if len(seeds) > 1:
+        from mera.eval.seeds import mean_runs, stage_curves
+
+        note = note[:-1] + f"; mean {PM} std over {len(seeds)} seeds)"
+        figures = {}
+        for attr, name, label in (("bw_rg", "backward_rg.png", "Backward"), ("fw_rg", "forward_rg.png", "Forward")):
+            curves = stage_curves(runs, attr, level)
+            figures[name] = _line_figure({m: [iv.mean for iv in c] for m, c in curves.items()}, f"{label} RG (%)",
+                                         f"{label} relative gain" + note, {m: [iv.std for iv in c] for m, c in curves.items()})
+        counts: dict[tuple[str, str], int] = {}
+        for r in runs:
+            counts[(r.method, r.order)] = counts.get((r.method, r.order), 0) + 1
+        heatmaps = [(r, f", mean over {_seeds_word(counts[(r.method, r.order)])}") for r in mean_runs(runs)]
+    else:
+        figures = {
+            "backward_rg.png": _line_figure(_stage_means(runs, "bw_rg"), "Backward RG (%)", "Backward relative gain" + note),
+            "forward_rg.png": _line_figure(_stage_means(runs, "fw_rg"), "Forward RG (%)", "Forward relative gain" + note),
+        }
+        heatmaps = [(r, "") for r in runs]
+    for r, suffix in heatmaps:
         base = f"accuracy_{slug(r.method)}_{slug(r.order)}"
         name, k = f"{base}.png", 2
         while name in figures:  # two method names with the same slug
             name, k = f"{base}-{k}.png", k + 1
-        figures[name] = _heatmap(r)
+        figures[name] = _heatmap(r, suffix)
     return figures
 
 
