@@ -36,6 +36,8 @@ lint: $(STAMP)
 bench: $(STAMP)
 	$(BIN)/python benchmarks/merge_bench.py
 	$(BIN)/python benchmarks/workers_bench.py
+	$(BIN)/python benchmarks/loop_parity.py
+	$(BIN)/python benchmarks/sharing_bench.py
 
 clean-venv:
 	rm -rf $(VENV)

@@ -61,20 +61,32 @@ def _digest(out: Path) -> dict:
             for p in sorted(out.rglob("predictions.jsonl"))}
 
 
-@pytest.fixture(scope="module")
-def golden_run(micro_assets, tmp_path_factory):
-    tmp_path = tmp_path_factory.mktemp("golden")
+def _run(micro_assets, tmp_path, share: bool, *args):
     cfg = micro_config(micro_assets, tmp_path, methods=GOLDEN_METHODS)
     data = yaml.safe_load(cfg.read_text())  # three stages: a third adapter, CMA at 1/3, EWC's saved Fisher
     data["model"]["branches"]["video"] = {"encoder": {"family": "toy_video", "path": str(micro_assets / "image")}}
     data["orders"] = {"sequential": ["image", "point", "video"]}
+    data["share"] = share
     cfg.write_text(yaml.safe_dump(data))
     out = tmp_path / "out"
     env = {**os.environ, "MERA_HOME": str(tmp_path / "home")}
-    r = subprocess.run([sys.executable, "-m", "mera", "run", str(cfg), "--out", str(out), "--quiet"],
+    r = subprocess.run([sys.executable, "-m", "mera", "run", str(cfg), "--out", str(out), "--quiet", *args],
                        capture_output=True, text=True, env=env)
     assert r.returncode == 0, r.stderr[-3000:]
     return out, yaml.safe_load(cfg.read_text())
+
+
+@pytest.fixture(scope="module")
+def golden_run(micro_assets, tmp_path_factory):
+    """Every stage trained by its own method (share: false)."""
+    return _run(micro_assets, tmp_path_factory.mktemp("golden"), False)
+
+
+@pytest.fixture(scope="module")
+def shared_run(micro_assets, tmp_path_factory):
+    """The same grid with shared steps (one process with the same threads: bit for bit comparable;
+    tests/test_runner.py runs shared steps under --workers)."""
+    return _run(micro_assets, tmp_path_factory.mktemp("shared"), True)
 
 
 def test_methods_that_train_the_same_llm_train_it_identically(golden_run):
@@ -100,10 +112,61 @@ def test_methods_that_train_the_same_llm_train_it_identically(golden_run):
         mo, m1, m10 = llm("merge-only", i, m), llm("mera-1", i, m), llm("mera-10", i, m)
         assert same(ft, ro) and same(mo, m1) and same(mo, m10), i
         assert not same(ft, mo)  # the merge does change the LLM
+        # EWC's Fisher is estimated through the expert's connector (stage 2) or carried in its own
+        # state, PathWeave trains on the new modality only: realign cannot reach their LLMs either
+        assert same(llm("ewc", i, m), llm("ewc-realign", i, m)), i
+        assert same(llm("pathweave", i, m), llm("pathweave-realign", i, m)), i
+        stage = f"stage_{i}_{m}"
+        pw = ckpt.load_strategy_tensors(out / "sequential/pathweave" / stage)
+        pwr = ckpt.load_strategy_tensors(out / "sequential/pathweave-realign" / stage)
+        assert pw and same(pw, pwr)  # its own modules (adapters, in-adapters, gates) too
+    # replayed data passes through the realigned connectors: from stage 3 on, Replay + Realign trains
+    # another LLM than Replay (at stage 2 both replay through the expert's connector)
+    assert same(llm("replay-10", 2, "point"), llm("replay-10-realign", 2, "point"))
+    assert not same(llm("replay-10", 3, "video"), llm("replay-10-realign", 3, "video"))
     # realign does change the connectors: the trajectories differ there, as they should
     a = ckpt.load_connectors(out / "sequential/fine-tuning/stage_3_video")["image"]
     b = ckpt.load_connectors(out / "sequential/realign-only/stage_3_video")["image"]
     assert any(not torch.equal(a[k], b[k]) for k in a)
+
+
+# the steps the shared run must reuse: every method whose step coincides with one trained earlier in
+# its family (or, at stage 2, by Fine-Tuning from the same expert), and only those
+SHARED = {("merge-only", 2), ("realign-only", 2), ("realign-only", 3), ("mera-10", 2), ("mera-10", 3),
+          ("mera-1", 2), ("mera-1", 3), ("replay-10-realign", 2), ("ewc-realign", 2), ("ewc-realign", 3),
+          ("pathweave-realign", 2), ("pathweave-realign", 3)}
+
+
+def test_shared_steps_give_the_same_scores_and_predictions_as_training_every_stage(golden_run, shared_run):
+    """Reusing a step (content key) changes nothing: byte-identical scores.csv and predictions of every
+    stage against the run where every method trains every stage; exactly the coinciding steps were reused,
+    each trained once (10 steps stored for 22 trained stages)."""
+    out, _ = golden_run
+    sh, _ = shared_run
+    assert (sh / "scores.csv").read_bytes() == (out / "scores.csv").read_bytes()
+    assert _digest(sh) == _digest(out)
+    reused = set()
+    for f in sh.glob("sequential/*/stage_*/manifest.json"):
+        m = json.loads(f.read_text())
+        if "shared" in m.get("log", {}):
+            reused.add((f.parent.parent.name, m["stage"]))
+            # its cost counts the training it reused
+            assert m["cost"]["seconds"] >= m["log"]["shared"]["seconds"] > 0
+    assert reused == SHARED
+    stored = [json.loads((p / "manifest.json").read_text()) for p in (sh / ".shared").iterdir()
+              if not p.name.startswith(".")]
+    assert len([m for m in stored if m["what"] == "step"]) == 22 - len(SHARED)
+    # step A (the new connector through the frozen parent) is shared beyond families: at stage 2 every
+    # method starts from the expert (one step A); at stage 3 Replay + Realign's LLM is still Replay's
+    # (realign changed only connectors), the other families' LLMs all differ (5 more)
+    assert len([m for m in stored if m["what"] == "align"]) == 1 + 5
+    assert not (out / ".shared").exists()
+    # the LLM a reused step leads to is the one its own training gives
+    for method, i in sorted(SHARED):
+        stage = f"stage_{i}_{'point' if i == 2 else 'video'}"
+        a, b = out / "sequential" / method / stage, sh / "sequential" / method / stage
+        assert json.loads((a / "manifest.json").read_text())["state_key"] == \
+            json.loads((b / "manifest.json").read_text())["state_key"]
 
 
 def test_micro_run_scores_and_predictions_are_byte_identical_to_the_golden_files(golden_run):

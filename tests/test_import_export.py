@@ -318,7 +318,7 @@ def test_micro_run_with_the_imported_image_branch(run):
     assert ckpt.read_manifest(run["run"] / "experts/point")["folds"]
     assert ckpt.is_done(run["stage2"])
     rows = [line.split(",") for line in (run["stage2"] / "scores.csv").read_text().splitlines()[1:]]
-    assert sorted((r[3], r[5]) for r in rows) == [("image", "caption"), ("image", "qa"),
+    assert sorted((r[4], r[6]) for r in rows) == [("image", "caption"), ("image", "qa"),
                                                    ("point", "caption"), ("point", "qa")]
     m2 = ckpt.read_manifest(run["stage2"])
     assert m2["folds"][0]["coef"] == 0.5 and "realign" in m2["log"] and m2["modalities"] == ["image", "point"]

@@ -44,8 +44,10 @@ def read_csv(path):
 def test_run_directory_and_scores(micro_run):
     cfg_path, cfg, out = micro_run
     lines = read_csv(out / "scores.csv")
-    assert lines[0] == "method,order,stage,modality,dataset,task,score"
+    assert lines[0] == "method,order,seed,stage,modality,dataset,task,score"
     rows = [l.split(",") for l in lines[1:]]
+    assert {r[2] for r in rows} == {"0"}  # the config's seed
+    rows = [r[:2] + r[3:] for r in rows]  # the columns below as they were before the seed
     experts = [r for r in rows if r[0] == "expert"]
     # one expert per modality and data set, in the order's row set
     assert {(r[3], r[5]) for r in experts} == {("image", "caption"), ("image", "qa"), ("point", "caption"), ("point", "qa")}
@@ -280,6 +282,11 @@ def test_parallel_workers_give_the_same_scores(micro_run, tmp_path):
     par = tmp_path / "par"
     StageLoop(cfg, par, config_dir=cfg_path.parent, progress=False, log=lambda m: None, workers=2).run()
     assert (par / "scores.csv").read_text() == (out / "scores.csv").read_text()
+    # shared steps work across the workers' units: MERA's stage 2 is Fine-Tuning's step (same family,
+    # one unit), EWC's and PathWeave's step A too (stage 2 starts from the expert for every method)
+    log = lambda m: json.loads((par / "sequential" / m / "stage_2_point/manifest.json").read_text())["log"]  # noqa: E731
+    assert "shared" in log("mera-10") and "shared" not in log("fine-tuning")
+    assert {"align_shared" in log(m) for m in ("fine-tuning", "replay-10", "ewc", "pathweave")} == {True, False}
     assert json.loads((par / "efficiency.json").read_text()).keys() == json.loads((out / "efficiency.json").read_text()).keys()
 
 
@@ -296,14 +303,17 @@ def test_paper_grid_dry_run_lists_exactly_the_grid(tmp_path):
                      "EWC + Realign", "PathWeave + Realign"]
     assert cfg.orders == {"sequential": ["image", "video", "audio", "point"],
                           "reverse": ["point", "audio", "video", "image"]}
+    assert cfg.run_seeds == [0, 1, 2]
     lines = [l.split() for l in r.stdout.splitlines() if l.startswith("  ") and "stage_" in l]
     listed = sorted(l[-1] for l in lines)
-    want = sorted(f"{o}/{slug}/stage_{i}_{m}" for o, order in cfg.orders.items()
+    want = sorted(f"seed_{s}/{o}/{slug}/stage_{i}_{m}" for s in cfg.run_seeds for o, order in cfg.orders.items()
                   for slug in (RunDir(tmp_path, cfg).stage_dir(o, meth, 1, order[0]).parent.name
                                for meth in cfg.methods)
                   for i, m in enumerate(order, 1))
-    assert listed == want and len(listed) == 104
-    assert "4 experts, 104 stages" in r.stdout
+    assert listed == want and len(listed) == 3 * 104
+    assert "4 experts, 104 stages per seed; 3 seeds: 12 experts, 312 stages" in r.stdout
+    # the schedule: per order, Fine-Tuning's family (the merge and realign ablations train its steps)
+    assert "sequential   Fine-Tuning + MERA (1%) + MERA (10%) + Merge only + Realign only" in r.stdout
     assert not (tmp_path / "g").exists()
 
 

@@ -34,8 +34,12 @@ def run(args) -> int:
     if args.dry_run:
         from mera.continual.rundir import RunDir
 
-        plan = RunDir(out, cfg).plan()
+        rd = RunDir(out, cfg)
+        plan = rd.plan()
         print(f"run directory: {out}")
+        if cfg.seeds:
+            print(f"seeds: {', '.join(map(str, cfg.seeds))} (everything below runs once per seed, in "
+                  f"{out}/seed_<s>/)")
         print("methods (plug-ins with their parameters; the combinations are checked):")
         for meth in cfg.methods:
             items = ", ".join(x["name"] + (f"({', '.join(f'{k}={v}' for k, v in x.items() if k != 'name')})"
@@ -47,7 +51,15 @@ def run(args) -> int:
         print("stages:")
         for s in plan["stages"]:
             print(f"  {s['order']:12s} {s['method']:24s} stage {s['stage']} {s['modality']:6s} {s['what']:16s} {s['dir']}")
-        print(f"{len(plan['experts'])} experts, {len(plan['stages'])} stages")
+        chains = [u for u in rd.units() if u.kind == "chain" and u.seed == cfg.run_seeds[0]]
+        print("units of work per seed (the chains of a family run one after another; a step that another "
+              f"method already trained is reused{'' if cfg.share else ': off, share is false'}):")
+        for u in chains:
+            print(f"  {u.order:12s} {' + '.join(cfg.methods[k].name for k in u.methods)}")
+        n = len(cfg.run_seeds)
+        per = f"{len(plan['experts'])} experts, {len(plan['stages']) // n} stages"
+        print(per if n == 1 else f"{per} per seed; {n} seeds: {len(plan['experts']) * n} experts, "
+                                 f"{len(plan['stages'])} stages")
         return 0
     from mera.continual.loop import StageLoop
 

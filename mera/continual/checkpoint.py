@@ -138,7 +138,9 @@ def save_stage(
     parent_key = state_key(parent)
     key = None
     if parent_key is not None:
-        parts = [parent_key, [[digests[id(d)], float(c), {k: v for k, v in files[id(d)].items() if k != "file"}] for d, c in folds],
+        fold_parts = [[digests[id(d)], float(c), {k: v for k, v in files[id(d)].items() if k != "file"}]
+                      for d, c in folds]
+        parts = [parent_key, fold_parts,
                  [digests[id(trained)], trained_entry.get("coef")] if trained is not None else None,
                  tensor_digest(tensors) if tensors else None, (info or {}).get("llm_modules")]
         key = hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()

@@ -185,9 +185,11 @@ class StageLoop:
                     for s in strategies:
                         s.after_stage(ctx)
                 info = dict(cost.info)
-                if "shared" in ctx.log:  # the step was reused: its cost is the time it took to train
+                reused = [ctx.log[k] for k in ("shared", "align_shared") if k in ctx.log]
+                if reused:  # a reused step (or step A) costs the time it took to train where it was trained
                     info["measured_seconds"] = info.get("seconds", 0.0)
-                    info["seconds"] = round(info.get("seconds", 0.0) + ctx.log["shared"]["seconds"], 2)
+                    info["seconds"] = round(info.get("seconds", 0.0) + sum(r["seconds"] for r in reused), 2)
+                if "shared" in ctx.log:
                     self.log(f"    step shared with {ctx.log['shared']['trained_by']} (not trained again)")
                 if self.main:
                     ckpt.save_stage(folder, parent=prev, folds=folds, trained=trained,

@@ -72,24 +72,22 @@ class Unit:
 def families(cfg) -> list[tuple[int, ...]]:
     """The methods grouped by what their stages train (indices into ``cfg.methods``, config order).
 
-    A strategy that acts only after a stage (``only_after_stage``, e.g. realign) does not change
-    what a stage trains, unless the stage's training reads the connectors it changes (a strategy
-    with ``reads_old_modalities``, e.g. replay): Fine-Tuning, Merge only, MERA and Realign only are
-    one family (their training steps coincide: mera.continual.sharing), EWC and EWC + Realign
-    another. The grouping is only a schedule: whether a step is shared is decided by its content
-    key when it runs."""
+    A strategy that acts only after a stage (``only_after_stage``: realign) does not change what the
+    stage trains from the same parent: Fine-Tuning, Merge only, MERA and Realign only are one family
+    (their steps coincide, or at least step A and stage 2: mera.continual.sharing), EWC and EWC +
+    Realign another, Replay and Replay + Realign a third (stage 2 and the next step A coincide, then
+    the replayed data passes through realigned connectors). The grouping is only a schedule, run one
+    chain after another so that the later ones find the steps of the first; whether a step is
+    shared is decided by its content key when it runs."""
     from mera.continual.methods import resolve
 
     groups: dict[str, list[int]] = {}
     for k, meth in enumerate(cfg.methods):
-        items = []
+        trained = []
         for item in meth.strategies:
             entry = resolve(item["name"])
-            if entry.kind == "strategy":
-                items.append((item, entry.obj))
-        reads = any(getattr(cls, "reads_old_modalities", True) and not getattr(cls, "only_after_stage", False)
-                    for _, cls in items)
-        trained = [item for item, cls in items if reads or not getattr(cls, "only_after_stage", False)]
+            if entry.kind == "strategy" and not getattr(entry.obj, "only_after_stage", False):
+                trained.append(item)
         groups.setdefault(json.dumps(trained, sort_keys=True, default=str), []).append(k)
     return [tuple(v) for v in groups.values()]
 
@@ -138,12 +136,13 @@ class RunDir:
         return out
 
     def units(self) -> list[Unit]:
-        """Every seed's experts, then every seed's chains (one unit per order and family; the
-        largest families first, so that a pool of workers ends together)."""
+        """Every seed's experts, then every seed's chains (one unit per seed, order and family; the
+        largest families first, so that a pool of workers ends on small units, together)."""
         seeds = self.cfg.run_seeds
-        fams = sorted(families(self.cfg), key=len, reverse=True)
+        chains = [Unit("chain", order=o, methods=f, seed=s) for s in seeds for o in self.cfg.orders
+                  for f in families(self.cfg)]
         return ([Unit("expert", modality=m, seed=s) for s in seeds for m in self.experts()]
-                + [Unit("chain", order=o, methods=f, seed=s) for s in seeds for o in self.cfg.orders for f in fams])
+                + sorted(chains, key=lambda u: -len(u.methods)))  # stable: config order among equals
 
     def plan(self) -> dict:
         """What the run would train: the experts and every (order, method, stage), per seed."""

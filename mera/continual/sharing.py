@@ -12,6 +12,10 @@ name, only on its inputs, so its *content key* hashes exactly those:
   earlier modality's connector only where its data passes through it, e.g. replay);
 - the model and training recipe of the config.
 
+Step A alone (the new connector on the new modality's captions, through the parent's frozen
+model) has a key of its own, without the strategies (``align_key``): at stage 2 every method of
+the grid starts from the same expert and trains step A once.
+
 The merge rule is not part of it: the fold comes after the step. So in the paper's grid
 Fine-Tuning, Merge only, MERA (1%), MERA (10%) and Realign only train stage 2 once; Fine-Tuning
 and Realign only every stage once, Merge only and the two MERAs every stage once; EWC and
@@ -69,6 +73,18 @@ def step_key(assets, ctx, strategies: list) -> str | None:
     return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()
 
 
+def align_key(assets, ctx) -> str | None:
+    """The content key of step A alone (the new connector on captions through the parent's frozen
+    model): the parent's state key, the seeds, the modality and the recipe; no strategy enters it."""
+    parent = ckpt.state_key(ctx.history.folder if ctx.history is not None else None)
+    if parent is None:
+        return None
+    payload = {"v": KEY_VERSION, "step": "align", "parent": parent, "run_seed": assets.cfg.seed, "seed": ctx.seed,
+               "stage": ctx.stage, "modality": ctx.modality, "seen": list(ctx.seen),
+               "model": assets.cfg.model.model_dump(mode="json"), "train": assets.cfg.train.model_dump(mode="json")}
+    return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()
+
+
 @dataclass
 class StepResult:
     """What a step leaves besides the model itself (see mera.continual.training)."""
@@ -93,15 +109,19 @@ class StepStore:
         folder = self.root / key
         return folder if ckpt.is_done(folder) else None
 
-    def put(self, key: str | None, result: StepResult, ctx, changed: dict, by: str) -> None:
-        """Record ``result`` (``changed``: the connectors the step changed, modality -> state)."""
+    def put(self, key: str | None, result: StepResult, ctx, changed: dict, by: str, log: dict | None = None,
+            tensors: dict | None = None) -> None:
+        """Record ``result`` (``changed``: the connectors the step changed, modality -> state; ``log``
+        and ``tensors``: ctx's unless given)."""
         if self.root is None or key is None or not self.writer or self.get(key) is not None:
             return
         tmp = self.root / f".tmp-{uuid.uuid4().hex[:12]}"
         try:
             ckpt.save_stage(tmp, parent=None, folds=result.pre_folds, trained=result.trained, connectors=changed,
-                            tensors=dict(ctx.tensors),
-                            info={"kind": "step", "key": key, "own": result.own, "by": by, "log": ctx.log,
+                            tensors=dict(ctx.tensors) if tensors is None else tensors,
+                            info={"kind": "step", "what": "align" if log is not None else "step", "key": key,
+                                  "own": result.own, "by": by,
+                                  "log": ctx.log if log is None else log,
                                   "seconds": round(result.seconds, 3), "llm_modules": ctx.llm_modules})
             ckpt.mark_done(tmp)
             try:

@@ -271,6 +271,7 @@ def analyse(plan: SweepPlan, metric: str = "last_bw") -> dict:
     choice. Every copy must have finished every order."""
     from mera.errors import DataError
     from mera.eval.metrics import read_scores, run_metrics
+    from mera.eval.seeds import mean_runs
 
     if metric not in METRICS:
         raise ConfigError(f"--metric must be one of {', '.join(METRICS)}, got {metric!r}")
@@ -278,8 +279,11 @@ def analyse(plan: SweepPlan, metric: str = "last_bw") -> dict:
     for r in plan.runs:
         scores = r.dir / "scores.csv"
         metrics: dict[str, dict] = {}
-        for rm in run_metrics(read_scores(scores)):
-            metrics.setdefault(rm.method, {})[rm.order] = rm
+        runs = run_metrics(read_scores(scores))
+        unfinished = {(rm.method, rm.order) for rm in runs if rm.num_stages != len(r.cfg.orders.get(rm.order, []))}
+        for rm in mean_runs(runs):  # with several seeds: every number the mean over the seeds
+            if (rm.method, rm.order) not in unfinished:
+                metrics.setdefault(rm.method, {})[rm.order] = rm
         for c in r.copies:
             per = metrics.get(c.name, {})
             missing = [o for o in orders if o not in per or per[o].num_stages != len(r.cfg.orders[o])]

@@ -22,7 +22,7 @@ from mera.continual.assets import Assets, seed_for
 from mera.continual.checkpoint import ChainView
 from mera.continual.deltas import Delta
 from mera.continual.replay import ReplayMemory
-from mera.continual.sharing import StepResult, StepStore, connector_digest, load_step, step_key
+from mera.continual.sharing import StepResult, StepStore, align_key, connector_digest, load_step, step_key
 from mera.continual.strategies import Continue, InstructStep, OwnModules, StageContext
 from mera.data.pipeline import ItemDataset
 from mera.errors import CheckpointError
@@ -119,7 +119,7 @@ def train_stage(assets: Assets, ctx: StageContext, strategies: list, merge,
     if result is None:
         before = {m: connector_digest(ctx.model, m) for m in ctx.model.branches}
         t0 = time.perf_counter()
-        result = _train_step(assets, ctx, strategies)
+        result = _train_step(assets, ctx, strategies, store if key else None)
         result.seconds = time.perf_counter() - t0
         if key and store is not None:
             changed = {m: {k: v.detach().clone() for k, v in b.connector.state_dict().items()}
@@ -157,14 +157,13 @@ def _reuse(assets: Assets, ctx: StageContext, strategies: list, folder, loaded) 
     return result
 
 
-def _train_step(assets: Assets, ctx: StageContext, strategies: list) -> StepResult:
+def _train_step(assets: Assets, ctx: StageContext, strategies: list, store: StepStore | None = None) -> StepResult:
     """Step A, the adapter, step B, and the trained delta (the LoRA detached again)."""
     tc, m, model = assets.cfg.train, ctx.modality, ctx.model
     assets.add_branch(model, m)
     conn = model.connector_parameters(m)
-    # step A: align the new connector on captions
-    res = ctx.train(conn, assets.sets[m].caption_train, "align")  # a plain list: train.align's lr_connector
-    ctx.log["align"] = phase_log(res)
+    _align(assets, ctx, conn, store)
+
     # the LLM's adapter in step B: a strategy's own modules, a continued LoRA, or a fresh one
     adapters = [a for a in (s.adapter(ctx) for s in strategies) if a is not None]
     adapter = adapters[0] if adapters else None
@@ -182,6 +181,32 @@ def _train_step(assets: Assets, ctx: StageContext, strategies: list) -> StepResu
     new = Delta.lora(extract_lora(model.llm))
     model.llm = detach_lora(model.llm)
     return StepResult(own=False, pre_folds=pre, trained=new)
+
+
+def _align(assets: Assets, ctx: StageContext, conn, store: StepStore | None) -> None:
+    """Step A: the new connector on the new modality's captions, the LLM frozen. It reads nothing a
+    strategy adds, only the parent model: methods whose steps differ from step B on (at stage 2 every
+    method of the grid) share it too (key: mera.continual.sharing.align_key)."""
+    key = align_key(assets, ctx) if store is not None else None
+    found = store.get(key) if key else None
+    if found is not None:
+        try:
+            _result, conns, _tensors, m = load_step(found)
+            ctx.model.branches[ctx.modality].connector.load_state_dict(conns[ctx.modality])
+        except (CheckpointError, KeyError) as e:
+            print(f"warning: {found}: {e}; step A is trained again", file=sys.stderr, flush=True)
+        else:
+            ctx.log["align"] = m["log"]["align"]
+            ctx.log["align_shared"] = {"key": found.name, "trained_by": m.get("by"), "seconds": _result.seconds}
+            return
+    t0 = time.perf_counter()
+    res = ctx.train(conn, assets.sets[ctx.modality].caption_train, "align")  # a plain list: train.align's lr_connector
+    ctx.log["align"] = phase_log(res)
+    if key:
+        state = {k: v.detach().clone() for k, v in ctx.model.branches[ctx.modality].connector.state_dict().items()}
+        store.put(key, StepResult(own=False, seconds=time.perf_counter() - t0), ctx, {ctx.modality: state},
+                  by=f"{ctx.order} / {ctx.method} / stage {ctx.stage} (step A)", log={"align": ctx.log["align"]},
+                  tensors={})
 
 
 def _instruct(assets: Assets, ctx: StageContext, strategies: list, conn, llm_params) -> None:

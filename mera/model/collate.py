@@ -11,12 +11,21 @@ For training the answer tokens and eos follow; only they are labelled.
 
 from __future__ import annotations
 
+import weakref
+
 import numpy as np
 import torch
 
 from mera import MODALITIES, PLACEHOLDERS
 
 IGNORE_INDEX = -100
+
+# token ids of prompts (after the chat template, with their media tokens) and of answers, per
+# tokenizer: a phase tokenises each text once, not once per epoch, and the phases of a run share
+# them (a few prompt templates recur over thousands of samples). Only the ids are cached; the
+# batch is built anew every time, so batches are exactly what tokenising again would give.
+_TOKEN_CACHE: "weakref.WeakKeyDictionary[object, dict]" = weakref.WeakKeyDictionary()
+CACHE_ENTRIES = 200_000  # beyond this (a real-scale data set), new texts are tokenised on every use
 
 
 def _sample_name(sample: dict, index: int) -> str:
@@ -58,11 +67,21 @@ class MultimodalCollator:
             raise ValueError("the tokenizer has neither a pad nor an eos token")
         self.pad_id = int(pad)
         self.eos_id = tokenizer.eos_token_id
+        try:
+            self._cache = _TOKEN_CACHE.setdefault(tokenizer, {})
+        except TypeError:  # a tokenizer that cannot be weakly referenced: a cache of this collator's own
+            self._cache = {}
 
     def _tokens(self, text: str) -> list[int]:
         if not text:
             return []
-        return list(self.tokenizer(text, add_special_tokens=False)["input_ids"])
+        key = ("text", text)
+        ids = self._cache.get(key)
+        if ids is None:
+            ids = tuple(self.tokenizer(text, add_special_tokens=False)["input_ids"])
+            if len(self._cache) < CACHE_ENTRIES:
+                self._cache[key] = ids
+        return list(ids)
 
     def encode_sample(self, sample: dict, index: int = 0) -> tuple[list[int], list[int]]:
         """(input_ids, labels) of one sample, unpadded."""
@@ -73,23 +92,14 @@ class MultimodalCollator:
         prompt = sample.get("prompt")
         if not isinstance(prompt, str):
             raise ValueError(f"{name}: the prompt must be a string, got {type(prompt).__name__}")
-        placeholder = PLACEHOLDERS[modality]
-        count = prompt.count(placeholder)
-        others = [p for m, p in PLACEHOLDERS.items() if m != modality and p in prompt]
-        if count != 1 or others:
-            found = f"{count} {placeholder}" + (f" and {others}" if others else "")
-            raise ValueError(
-                f"{name}: a {modality} prompt must hold exactly one {placeholder} and no other placeholder; "
-                f"found {found} in {prompt!r}"
-            )
-        text = self.tokenizer.apply_chat_template(
-            [{"role": "user", "content": prompt}], tokenize=False, add_generation_prompt=True
-        )
-        pieces = text.split(placeholder)
-        if len(pieces) != 2:
-            raise ValueError(f"{name}: the chat template changed the placeholder {placeholder}: {text!r}")
         media_ids = [self.model.media_token_id(modality)] * self.model.num_media_tokens(modality)
-        prompt_ids = self._tokens(pieces[0]) + media_ids + self._tokens(pieces[1])
+        key = ("prompt", modality, prompt, media_ids[0] if media_ids else None, len(media_ids))
+        cached = self._cache.get(key)
+        if cached is None:
+            cached = tuple(self._prompt_ids(name, modality, prompt, media_ids))
+            if len(self._cache) < CACHE_ENTRIES:
+                self._cache[key] = cached
+        prompt_ids = list(cached)
         if self.max_length is not None and len(prompt_ids) > self.max_length:
             raise ValueError(
                 f"{name}: the prompt is {len(prompt_ids)} tokens with its media, more than max_length {self.max_length}"
@@ -106,6 +116,25 @@ class MultimodalCollator:
         if self.max_length is not None:
             answer_ids = answer_ids[: self.max_length - len(prompt_ids)]
         return prompt_ids + answer_ids, labels + answer_ids
+
+    def _prompt_ids(self, name: str, modality: str, prompt: str, media_ids: list[int]) -> list[int]:
+        """The chat-templated prompt's ids with the media tokens in place of the placeholder."""
+        placeholder = PLACEHOLDERS[modality]
+        count = prompt.count(placeholder)
+        others = [p for m, p in PLACEHOLDERS.items() if m != modality and p in prompt]
+        if count != 1 or others:
+            found = f"{count} {placeholder}" + (f" and {others}" if others else "")
+            raise ValueError(
+                f"{name}: a {modality} prompt must hold exactly one {placeholder} and no other placeholder; "
+                f"found {found} in {prompt!r}"
+            )
+        text = self.tokenizer.apply_chat_template(
+            [{"role": "user", "content": prompt}], tokenize=False, add_generation_prompt=True
+        )
+        pieces = text.split(placeholder)
+        if len(pieces) != 2:
+            raise ValueError(f"{name}: the chat template changed the placeholder {placeholder}: {text!r}")
+        return self._tokens(pieces[0]) + media_ids + self._tokens(pieces[1])
 
     def __call__(self, samples: list[dict]) -> dict:
         if not samples:

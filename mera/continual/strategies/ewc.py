@@ -109,8 +109,8 @@ class EWC(Strategy):
         prev = ctx.history.last_trained()  # the adapter the previous stage trained, with its coefficient
         return Continue(*prev) if prev is not None else None
 
-    # the schedule's hint (mera.continual.rundir.families): only the stage after an expert reads an
-    # earlier modality (its Fisher), through the expert's connector, which no realign has changed yet
+    # only the stage after an expert reads an earlier modality (to estimate its Fisher), through the
+    # expert's connector, which no realign has changed yet: reads() says so stage by stage
     reads_old_modalities = False
 
     def reads(self, ctx: StageContext) -> list[str]:
