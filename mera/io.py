@@ -1,5 +1,6 @@
-"""Atomic file and folder writes (write under a temporary name beside the target, then rename),
-and file digests. The bottom layer: no torch, nothing above ``mera.faults``."""
+"""Atomic file and folder writes (write under a temporary name beside the target, fsync, rename,
+fsync the folder), file digests, and advisory locks on units of work. The bottom layer: no torch,
+nothing above ``mera.faults``."""
 
 from __future__ import annotations
 
@@ -15,11 +16,27 @@ from pathlib import Path
 from mera.faults import fault_point
 
 
+def fsync_path(path: str | os.PathLike) -> None:
+    """Flush a file's (or a folder's entries') data to the disk; a no-op where the OS cannot."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:  # e.g. a folder on a filesystem that does not sync folders
+        pass
+    finally:
+        os.close(fd)
+
+
 @contextmanager
-def atomic_path(path: str | os.PathLike):
+def atomic_path(path: str | os.PathLike, durable: bool = True):
     """Yield a temporary path beside ``path``; on success rename it onto ``path``.
 
-    On error the temporary file is removed and ``path`` is left as it was.
+    On error the temporary file is removed and ``path`` is left as it was. ``durable``: the file
+    is fsynced before the rename and the folder after it, so that after a power cut the name
+    points at the whole file (or at the old one), never at an empty one.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -30,7 +47,11 @@ def atomic_path(path: str | os.PathLike):
         fault_point("write")
         if os.path.exists(tmp):  # mkstemp makes 0600 files: give the usual permissions
             os.chmod(tmp, 0o666 & ~_umask())
+            if durable:
+                fsync_path(tmp)
         os.replace(tmp, path)
+        if durable:
+            fsync_path(path.parent)
     except BaseException:
         try:
             os.unlink(tmp)
@@ -87,3 +108,53 @@ def atomic_dir(dst: str | os.PathLike):
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+class UnitLock:
+    """An advisory, exclusive lock on a unit of work (``flock`` on ``path``), held by this process
+    until :meth:`release` or its exit: the kernel drops the lock of a process that dies, so a
+    crashed run never leaves a stale lock behind. The file records who holds it (pid, host, what,
+    since), for the message of whoever finds it taken. Where ``fcntl`` is missing (Windows) every
+    lock is granted."""
+
+    def __init__(self, path: str | os.PathLike):
+        self.path = Path(path)
+        self._file = None
+
+    def acquire(self, what: str) -> str | None:
+        """Take the lock; None if taken, else who holds it (one line)."""
+        try:
+            import fcntl
+        except ImportError:  # pragma: no cover - not POSIX
+            return None
+        import socket
+        import time
+
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        f = open(self.path, "a+", encoding="utf-8")
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            f.seek(0)
+            text = f.read()
+            f.close()
+            try:
+                h = json.loads(text)
+                return f"process {h['pid']} on {h['host']} ({h['what']}, since {h['since']})"
+            except (ValueError, KeyError, TypeError):
+                return f"another process (lock file {self.path})"
+        f.seek(0)
+        f.truncate()
+        f.write(json.dumps({"pid": os.getpid(), "host": socket.gethostname(), "what": what,
+                            "since": time.strftime("%Y-%m-%d %H:%M:%S")}))
+        f.flush()
+        self._file = f
+        return None
+
+    def release(self) -> None:
+        if self._file is not None:
+            import fcntl
+
+            fcntl.flock(self._file, fcntl.LOCK_UN)
+            self._file.close()
+            self._file = None

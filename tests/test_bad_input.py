@@ -85,9 +85,9 @@ def one_line_error(r: Result, *needles: str) -> str:
 
 
 def tree(folder: Path) -> dict[str, str]:
-    """Relative path -> sha256 of every file under ``folder``."""
+    """Relative path -> sha256 of every file under ``folder`` (but the lock files: who held a unit)."""
     return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
-            for p in sorted(folder.rglob("*")) if p.is_file()}
+            for p in sorted(folder.rglob("*")) if p.is_file() and ".locks" not in p.relative_to(folder).parts}
 
 
 def without(t: dict[str, str], prefix: str) -> dict[str, str]:

@@ -13,7 +13,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 
-from mera.errors import ConfigError, MeraError
+from mera.errors import ConfigError, DataError, MeraError
 from mera.eval import llm_judge
 from mera.eval.judges import get_judge, judge_qa
 from mera.eval.llm_judge import (
@@ -96,19 +96,31 @@ def test_cache_key_covers_every_component():
     assert cache_key("q", ["a"], "p", "m") == cache_key("q", ["a"], "p", "m", PROMPT_VERSION)
 
 
-def test_cache_survives_a_torn_last_line(tmp_path):
+def test_cache_imports_a_first_release_jsonl_with_a_torn_last_line(tmp_path):
+    legacy = tmp_path / "judgements.jsonl"
+    legacy.write_text(json.dumps({"key": "k1", "judgement": 1.0, "reply": YES}) + "\n"
+                      + json.dumps({"key": "k2", "judgement": None, "reply": "junk"}) + "\n"
+                      + '{"key": "k3", "judgement": 1.0, "rep')  # a crash mid-write
     cache = JudgeCache(tmp_path)
-    cache.put({"key": "k1", "judgement": 1.0, "reply": YES})
-    cache.put({"key": "k2", "judgement": None, "reply": "junk"})
-    with open(cache.path, "ab") as f:
-        f.write(b'{"key": "k3", "judgement": 1.0, "rep')  # a crash mid-write
-    fresh = JudgeCache(tmp_path)
-    assert set(fresh.load()) == {"k1", "k2"}
-    assert fresh.get("k2")["judgement"] is None and fresh.get("k2")["reply"] == "junk"
-    fresh.put({"key": "k4", "judgement": 0.0, "reply": NO})  # must not be glued to the torn line
+    assert set(cache.load()) == {"k1", "k2"}
+    assert cache.get("k2")["judgement"] is None and cache.get("k2")["reply"] == "junk"
+    assert not legacy.exists() and (tmp_path / "judgements.jsonl.imported").is_file()  # imported once
+    cache.put({"key": "k4", "judgement": 0.0, "reply": NO})
+    cache.close()
     assert set(JudgeCache(tmp_path).load()) == {"k1", "k2", "k4"}
-    lines = cache.path.read_bytes().split(b"\n")
-    assert lines[-1] == b"" and json.loads(lines[-2])["key"] == "k4"
+
+
+def test_cache_caps_stored_replies_and_names_a_file_that_is_not_a_cache(tmp_path):
+    cache = JudgeCache(tmp_path)
+    cache.put({"key": "big", "judgement": 1.0, "reply": "y" * 10 * llm_judge.MAX_REPLY_CHARS})
+    rec = JudgeCache(tmp_path).get("big")
+    assert len(rec["reply"]) == llm_judge.MAX_REPLY_CHARS and rec["reply_chars"] == 10 * llm_judge.MAX_REPLY_CHARS
+    assert rec["judgement"] == 1.0 and len(cache) == 1
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    (bad / llm_judge.CACHE_FILE).write_bytes(b"this is not SQLite" * 100)
+    with pytest.raises(DataError, match="not a judge cache"):
+        JudgeCache(bad).get("k")
 
 
 # ----------------------------------------------------------------------------- a scripted endpoint
@@ -265,7 +277,7 @@ def test_openai_judge_scores_parses_and_caches(endpoint, key_env, tmp_path):
     assert judge.last_judgements[4].pred == "yes" and judge.last_judgements[4].score == 5.0
     assert "looks correct" in judge.last_judgements[3].reply  # the raw unparseable reply is kept
 
-    records = [json.loads(l) for l in (tmp_path / "cache" / "judgements.jsonl").read_text().splitlines()]
+    records = list(JudgeCache(tmp_path / "cache").load().values())
     assert len(records) == 5
     unparseable = [r for r in records if r["judgement"] is None]
     assert len(unparseable) == 1 and "looks correct" in unparseable[0]["reply"]
@@ -352,7 +364,7 @@ def test_an_unreachable_endpoint_is_a_clear_error_without_the_key(key_env, tmp_p
     assert f"127.0.0.1:{port}" in msg and "3 of 3 items" in msg and "connection" in msg
     assert SECRET not in msg and SECRET not in repr(judge)
     assert judge.stats.requests >= 3  # it did try (first attempt + retries)
-    assert not (tmp_path / "c" / "judgements.jsonl").exists()  # nothing judged, nothing cached
+    assert len(JudgeCache(tmp_path / "c")) == 0  # nothing judged, nothing cached
 
 
 def test_missing_key_variable_and_bad_options(monkeypatch, tmp_path):

@@ -64,7 +64,7 @@ class Assets:
 
         dtype = getattr(torch, self.cfg.model.dtype)
         try:
-            llm = AutoModelForCausalLM.from_pretrained(self.llm_path, dtype=dtype)
+            llm = AutoModelForCausalLM.from_pretrained(self.llm_path, dtype=dtype, local_files_only=True)
         except (OSError, ValueError, SafetensorError) as e:
             raise CheckpointError(f"{self.llm_path}: cannot load the language model ({e})") from None
         llm.requires_grad_(False)
@@ -149,7 +149,7 @@ def load_assets(cfg, config_dir: str | Path, *, cache_dir: str | Path | None = N
     if data:
         _load_data(a, set_paths)
     try:
-        a.tokenizer = AutoTokenizer.from_pretrained(a.tok_path)
+        a.tokenizer = AutoTokenizer.from_pretrained(a.tok_path, local_files_only=True)
     except (OSError, ValueError) as e:
         raise CheckpointError(f"{a.tok_path}: cannot load the tokenizer ({e})") from None
     for m, b in cfg.model.branches.items():

@@ -12,7 +12,8 @@ A stage folder holds
     connectors.safetensors  every connector of the model after the stage ("<modality>.<param>")
     strategy.safetensors    a strategy's state, when it has one (e.g. EWC's accumulated Fisher)
     scores.csv              the stage's evaluation rows
-    DONE                    written last: the folder is complete only when it exists
+    DONE                    written last: the folder is complete only when it exists; it lists every
+                            other file of the folder with its size and sha256, and a resume checks them
 
 ``state_key`` (a digest of the parent's state key, the folds, the trained delta, the strategy
 state and the layout of a strategy's LLM modules) names what the stage's model is besides its
@@ -42,15 +43,43 @@ from safetensors.torch import load_file, save_file
 
 from mera.continual.deltas import Delta
 from mera.errors import CheckpointError
-from mera.io import atomic_path, write_json, write_text
+from mera.io import atomic_path, sha256_file, write_json
 
 MANIFEST = "manifest.json"
 FORMAT = "mera-stage-v2"
 DONE = "DONE"
+REMEASURED = ("profile.json",)  # rewritten after the stage is done (mera profile): not recorded in DONE
 
 
 def is_done(folder: str | Path) -> bool:
     return (Path(folder) / DONE).is_file()
+
+
+def done_problem(folder: str | Path) -> str | None:
+    """Why a DONE folder's files are not the ones DONE recorded (missing, another size, another
+    sha256), or None when they are (or DONE predates the record: the first release wrote
+    ``done``)."""
+    folder = Path(folder)
+    try:
+        text = (folder / DONE).read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as e:
+        return f"{folder / DONE}: unreadable ({e})"
+    if text.strip() == "done":
+        return None
+    try:
+        files = json.loads(text)["files"]
+        items = [(str(k), int(v["size"]), str(v["sha256"])) for k, v in files.items()]
+    except (ValueError, KeyError, TypeError, AttributeError):
+        return f"{folder / DONE}: not a list of the stage's files"
+    for name, size, digest in items:
+        path = folder / name
+        if "/" in name or name.startswith(".") or not path.is_file():
+            return f"{path}: missing (DONE lists it)"
+        if path.stat().st_size != size:
+            return f"{path}: {path.stat().st_size} bytes, DONE recorded {size}"
+        if sha256_file(path) != digest:
+            return f"{path}: its content changed since the stage was done (sha256 differs)"
+    return None
 
 
 @contextmanager
@@ -165,8 +194,14 @@ def _relpath(target: Path, start: Path) -> str:
 
 
 def mark_done(folder: str | Path) -> None:
-    with _writing(Path(folder) / DONE):
-        write_text(Path(folder) / DONE, "done\n")
+    """Write DONE: the folder's files (every plain file but DONE and temporary ones) with their
+    sizes and sha256, so that a resume can tell a whole stage from one a crash or a disk damaged."""
+    folder = Path(folder)
+    files = {p.name: {"size": p.stat().st_size, "sha256": sha256_file(p)}
+             for p in sorted(folder.iterdir())
+             if p.is_file() and p.name != DONE and p.name not in REMEASURED and not p.name.startswith(".")}
+    with _writing(folder / DONE):
+        write_json(folder / DONE, {"files": files})
 
 
 def read_manifest(folder: str | Path) -> dict:

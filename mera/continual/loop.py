@@ -37,13 +37,13 @@ from mera.continual import checkpoint as ckpt
 from mera.continual.assets import connector_states, load_assets, seed_for
 from mera.continual.methods import build_method
 from mera.continual.replay import ReplayMemory
-from mera.continual.rundir import RunDir, Unit
+from mera.continual.rundir import RunDir, Unit, slug
 from mera.continual.sharing import StepStore
 from mera.continual.stages import load_stage
 from mera.continual.training import make_context, train_stage
 from mera.errors import ConfigError, MeraError
 from mera.eval.profile import Cost
-from mera.io import write_text
+from mera.io import UnitLock, write_text
 
 
 class StageLoop:
@@ -128,10 +128,44 @@ class StageLoop:
     def tag(self) -> str:
         return f"seed {self.seed}: " if self.cfg.seeds else ""
 
+    def _lock(self, what: str, key: str) -> UnitLock | None:
+        """The lock of a unit of work (an expert, an (order, method) chain of a seed), or None when a
+        live process holds it: then the unit is skipped, with one line naming the holder. Only the
+        main process of a launch locks; the others follow its answer."""
+        lock = UnitLock(self.dir.out / ".locks" / f"{key}.lock")
+        holder = lock.acquire(what) if self.main else None
+        if dist.world_size() > 1:
+            holder = dist.broadcast_object(holder)
+        if holder:
+            self.log(f"[{what}] held by {holder}: skipped (run --resume once it is done)")
+            return None
+        return lock
+
+    def _done(self, folder: Path, what: str) -> bool:
+        """Whether ``folder`` is done and whole (its DONE's files as recorded); a damaged one is
+        redone, with a warning line."""
+        if not ckpt.is_done(folder):
+            return False
+        problem = ckpt.done_problem(folder)
+        if problem is None:
+            return True
+        self.log(f"warning: [{what}] {problem}; the stage is done again")
+        return False
+
     def run_expert(self, modality: str) -> None:
+        what = f"{self.tag}expert {modality}"
+        lock = self._lock(what, f"seed{self.seed}-expert-{modality}")
+        if lock is None:
+            return
+        try:
+            self._run_expert(modality, what)
+        finally:
+            lock.release()
+
+    def _run_expert(self, modality: str, what: str) -> None:
         folder = self.rd.expert_dir(modality)
-        if ckpt.is_done(folder):
-            self.log(f"[{self.tag}expert {modality}] done, skipped")
+        if self._done(folder, what):
+            self.log(f"[{what}] done, skipped")
             return
         self._start(folder)
         t0 = time.perf_counter()
@@ -156,14 +190,29 @@ class StageLoop:
         self.log(f"[{self.tag}expert {modality}] {time.perf_counter() - t0:.1f}s")
 
     def run_chain(self, order_name: str, method) -> None:
+        what = f"{self.tag}{order_name} / {method.name}"
+        lock = self._lock(what, f"seed{self.seed}-{order_name}-{slug(method.name)}")
+        if lock is None:
+            return
+        try:
+            expert = self.rd.expert_dir(self.cfg.orders[order_name][0])
+            if not ckpt.is_done(expert):  # another process holds it (or it failed): nothing to start from
+                self.log(f"[{what}] the expert {expert.name} is not done: skipped (run --resume once it is)")
+                return
+            self._run_chain(order_name, method, what)
+        finally:
+            lock.release()
+
+    def _run_chain(self, order_name: str, method, what: str) -> None:
         order = self.cfg.orders[order_name]
         strategies, merge = build_method(method)
-        model, prev = None, None
+        model, prev, redo = None, None, False
         for i, m in enumerate(order, 1):
             folder = self.rd.stage_dir(order_name, method, i, m)
-            if ckpt.is_done(folder):
+            if not redo and self._done(folder, f"{what} stage {i}"):
                 model, prev = None, folder  # loaded lazily if a later stage needs training
                 continue
+            redo = True  # a stage redone: every later one is built on it again
             if model is None and i > 1:
                 model = load_stage(self.assets, prev)
             self._start(folder)

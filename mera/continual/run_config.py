@@ -156,6 +156,19 @@ class EvalConfig(StrictModel):
     # with the dataset name suffixed "-val" (e.g. toy-image-caption-val)
     split: Literal["test", "val"] = "test"
 
+    @model_validator(mode="after")
+    def _no_credentials(self):
+        url = self.judge_options.get("base_url")
+        if isinstance(url, str):
+            from mera.eval.llm_judge import url_credentials
+
+            what = url_credentials(url)
+            if what:  # said without the URL: the config is saved in the run directory, errors go to logs
+                raise ValueError(f"judge_options.base_url holds credentials ({what}); give the key through "
+                                 "judge_options.api_key_env, the NAME of an environment variable, never in a "
+                                 "config or a URL")
+        return self
+
 
 class RunConfig(StrictModel):
     name: str = "run"

@@ -158,16 +158,37 @@ class RunDir:
         return {"experts": self.experts(), "seeds": self.cfg.run_seeds, "stages": stages}
 
     def unit_done(self, unit: Unit) -> bool:
+        """Every stage of the unit is done and whole (its files as DONE recorded them)."""
         rd = self.for_seed(unit.seed) if unit.seed is not None else self
+
+        def ok(folder):
+            return ckpt.is_done(folder) and ckpt.done_problem(folder) is None
+
         if unit.kind == "expert":
-            return ckpt.is_done(rd.expert_dir(unit.modality))
+            return ok(rd.expert_dir(unit.modality))
         order = self.cfg.orders[unit.order]
-        return all(ckpt.is_done(rd.stage_dir(unit.order, self.cfg.methods[k], len(order), order[-1]))
-                   for k in unit.methods)
+        return all(ok(rd.stage_dir(unit.order, self.cfg.methods[k], i, m))
+                   for k in unit.methods for i, m in enumerate(order, 1))
 
     # ------------------------------------------------------------------ set-up
     def prepare(self, resume: bool, write: bool = True) -> None:
-        """Refuse an existing run without --resume, or a resume with another config; write config.yaml."""
+        """Refuse an existing run without --resume, or a resume with another config; write config.yaml
+        (under the run's lock: of two fresh runs started at once on one directory, one is refused)."""
+        from mera.io import UnitLock
+
+        lock = UnitLock(self.out / ".locks" / "config.lock") if write else None
+        if lock is not None:
+            self.out.mkdir(parents=True, exist_ok=True)
+            holder = lock.acquire("writing the run's config")
+            if holder:
+                raise MeraError(f"{self.out}: {holder} is setting up this run directory; wait, then pass --resume")
+        try:
+            self._prepare(resume, write)
+        finally:
+            if lock is not None:
+                lock.release()
+
+    def _prepare(self, resume: bool, write: bool) -> None:
         text = dump_config(self.cfg)
         cfg_file = self.out / "config.yaml"
         if cfg_file.exists():

@@ -122,7 +122,7 @@ class FeatureProvider:
 
     def _store(self, s: Sample, f: torch.Tensor) -> None:
         if self.cache == "disk":
-            with atomic_path(self._file(s)) as tmp:
+            with atomic_path(self._file(s), durable=False) as tmp:  # a cache: recomputed if lost
                 save_file({"features": f.to(self.cache_dtype).contiguous()}, str(tmp))
         else:
             self._features[_key(s)] = f.clone()

@@ -12,7 +12,7 @@ Judges registered (:mod:`mera.config.registry`, kind ``judge``; see :mod:`mera.e
 * ``openai`` -> :class:`OpenAIJudge` (any OpenAI-compatible chat-completions endpoint)
 * ``local_llm`` -> :class:`LocalLLMJudge` (any HF causal LM in a local folder)
 
-Both keep a disk cache (:class:`JudgeCache`, a JSON-lines file) so that a rerun never asks
+Both keep a disk cache (:class:`JudgeCache`, an SQLite table) so that a rerun never asks
 the judge twice about the same (question, answers, prediction, judge model, prompt version).
 After ``score`` each judge's ``stats`` (that call) and ``total_stats`` (since construction)
 give the number of requests made, cache hits and unparseable judgements.
@@ -168,7 +168,32 @@ def _parse_score(value: Any) -> float | None:
 
 # ----------------------------------------------------------------------------- the disk cache
 
-CACHE_FILE = "judgements.jsonl"
+SECRET_QUERY = ("key", "api_key", "apikey", "api-key", "token", "access_token", "auth", "password", "secret", "sig",
+                "signature")
+
+
+def url_credentials(url: str) -> str | None:
+    """What in ``url`` is a credential (a user name or password, a key-like query parameter), or None.
+    Keys belong in an environment variable (``api_key_env``), never in a config or a URL: a config
+    is saved in the run directory and URLs are shown in errors."""
+    from urllib.parse import parse_qsl, urlsplit
+
+    try:
+        parts = urlsplit(str(url))
+        user = parts.username or parts.password
+    except ValueError:
+        return None
+    if user:
+        return "a user name or password before '@'"
+    for name, _ in parse_qsl(parts.query, keep_blank_values=True):
+        if name.lower() in SECRET_QUERY:
+            return f"the query parameter {name!r}"
+    return None
+
+
+CACHE_FILE = "judgements.sqlite"
+LEGACY_CACHE_FILE = "judgements.jsonl"  # the first release's cache: imported once, then renamed
+MAX_REPLY_CHARS = 4096  # a longer reply is stored cut (the judgement is parsed from the whole reply first)
 
 
 def default_cache_dir() -> Path:
@@ -193,75 +218,105 @@ def cache_key(question: str, answers: list[str], prediction: str, judge_model: s
 
 
 class JudgeCache:
-    """Judgements on disk: one JSON object per line in ``<cache_dir>/judgements.jsonl``.
+    """Judgements on disk: an indexed SQLite table in ``<cache_dir>/judgements.sqlite`` (standard
+    library), opened once per judge and queried one key at a time, so that a lookup costs the same
+    time and memory whatever the cache's size (benchmarks/judge_cache_bench.py). Several processes
+    may share it (SQLite's own locking, write-ahead log); a record is committed as soon as its
+    reply arrives, so a crash loses at most the replies in flight.
 
-    Each record is written with a single ``write`` on a file opened with O_APPEND, so a
-    crash mid-write can at worst leave a torn last line: earlier lines are untouched, a line
-    that does not parse is ignored on load, and the next append starts on a fresh line.
-    Records hold the key, the judge model, prompt version, the item, the raw reply, the
-    parsed pred/score and the judgement (None when unparseable) -- never credentials.
+    Records hold the key, the judge model, prompt version, the item, the raw reply (cut to
+    :data:`MAX_REPLY_CHARS`), the parsed pred/score and the judgement (None when unparseable),
+    never credentials. A first-release ``judgements.jsonl`` in the folder is imported once (a torn
+    last line skipped) and renamed ``judgements.jsonl.imported``. A file that is not a judge cache
+    is an error naming it.
     """
 
     def __init__(self, cache_dir: str | os.PathLike | None = None):
         self.dir = Path(cache_dir).expanduser() if cache_dir is not None else default_cache_dir()
         self.path = self.dir / CACHE_FILE
         self._lock = threading.Lock()
-        self._records: dict[str, dict] = {}
+        self._db = None
 
-    def load(self) -> dict[str, dict]:
-        """Re-read the file; return key -> record (a later line for a key wins)."""
-        records: dict[str, dict] = {}
+    def _conn(self):
+        import sqlite3
+
+        if self._db is not None:
+            return self._db
+        self.dir.mkdir(parents=True, exist_ok=True)
         try:
-            data = self.path.read_bytes()
-        except FileNotFoundError:
-            data = b""
-        for line in data.split(b"\n"):
-            if not line.strip():
-                continue
+            db = sqlite3.connect(str(self.path), timeout=60, check_same_thread=False, isolation_level=None)
+            db.execute("PRAGMA journal_mode=WAL")
+            db.execute("CREATE TABLE IF NOT EXISTS judgements (key TEXT PRIMARY KEY, record TEXT NOT NULL)")
+        except sqlite3.DatabaseError as e:
+            raise DataError(f"{self.path}: not a judge cache ({e}); move it away and the judge starts a new one") from None
+        self._db = db
+        legacy = self.dir / LEGACY_CACHE_FILE
+        if legacy.is_file():
+            self._import(legacy)
+        return db
+
+    def _import(self, legacy: Path) -> None:
+        rows = []
+        for line in legacy.read_bytes().split(b"\n"):
             try:
-                rec = json.loads(line)
+                rec = json.loads(line) if line.strip() else None
             except (ValueError, UnicodeDecodeError):
                 continue  # a torn line from an interrupted write
             if isinstance(rec, dict) and isinstance(rec.get("key"), str):
-                records[rec["key"]] = rec
+                rows.append((rec["key"], json.dumps(_capped(rec), ensure_ascii=False)))
+        with self._db:
+            self._db.execute("BEGIN")
+            self._db.executemany("INSERT OR REPLACE INTO judgements VALUES (?, ?)", rows)  # a later line wins
+        try:
+            os.replace(legacy, legacy.with_name(legacy.name + ".imported"))
+        except OSError:
+            pass
+
+    def load(self) -> dict[str, dict]:
+        """Every record, key -> record (for inspection and tests: the judge itself reads by key)."""
         with self._lock:
-            self._records = records
-        return records
+            rows = self._conn().execute("SELECT key, record FROM judgements").fetchall()
+        return {k: json.loads(r) for k, r in rows}
 
     def get(self, key: str) -> dict | None:
-        """The record for ``key`` as of the last :meth:`load` or :meth:`put`, else None."""
+        """The record for ``key``, else None."""
+        import sqlite3
+
         with self._lock:
-            return self._records.get(key)
+            try:
+                row = self._conn().execute("SELECT record FROM judgements WHERE key = ?", (key,)).fetchone()
+            except sqlite3.DatabaseError as e:
+                raise DataError(f"{self.path}: unreadable judge cache ({e})") from None
+        if row is None:
+            return None
+        try:
+            rec = json.loads(row[0])
+        except ValueError:
+            return None  # a damaged record: asked again
+        return rec if isinstance(rec, dict) else None
 
     def put(self, record: dict) -> None:
-        """Append ``record`` (which must have a 'key') as one line, in one write."""
-        line = json.dumps(record, ensure_ascii=False, separators=(",", ":")) + "\n"
+        """Store ``record`` (which must have a 'key'), replacing an older one for that key."""
+        text = json.dumps(_capped(record), ensure_ascii=False, separators=(",", ":"))
         with self._lock:
-            self.dir.mkdir(parents=True, exist_ok=True)
-            fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o666)
-            try:
-                if _ends_without_newline(self.path):
-                    line = "\n" + line  # close a torn last line so this record stays whole
-                os.write(fd, line.encode("utf-8"))
-            finally:
-                os.close(fd)
-            self._records[record["key"]] = record
+            self._conn().execute("INSERT OR REPLACE INTO judgements VALUES (?, ?)", (record["key"], text))
+
+    def close(self) -> None:
+        with self._lock:
+            if self._db is not None:
+                self._db.close()
+                self._db = None
 
     def __len__(self) -> int:
         with self._lock:
-            return len(self._records)
+            return int(self._conn().execute("SELECT COUNT(*) FROM judgements").fetchone()[0])
 
 
-def _ends_without_newline(path: Path) -> bool:
-    try:
-        with open(path, "rb") as f:
-            f.seek(0, os.SEEK_END)
-            if f.tell() == 0:
-                return False
-            f.seek(-1, os.SEEK_END)
-            return f.read(1) != b"\n"
-    except FileNotFoundError:
-        return False
+def _capped(record: dict) -> dict:
+    reply = record.get("reply")
+    if isinstance(reply, str) and len(reply) > MAX_REPLY_CHARS:
+        return {**record, "reply": reply[:MAX_REPLY_CHARS], "reply_chars": len(reply)}
+    return record
 
 
 # ----------------------------------------------------------------------------- the shared judge logic
@@ -350,7 +405,6 @@ class _CachedLLMJudge:
         _check_lengths(questions, answers, predictions)
         stats = JudgeStats(items=len(predictions))
         self.stats = stats
-        self.cache.load()
         model = self.judge_model
         out: list[Judgement | None] = [None] * len(predictions)
         todo: dict[str, _Item] = {}
@@ -429,6 +483,10 @@ class OpenAIJudge(_CachedLLMJudge):
                  backoff_base: float = 1.0, backoff_max: float = 60.0, timeout: float = 60.0,
                  max_tokens: int = 64, cache_dir: str | os.PathLike | None = None, **extra):
         _reject_unknown(self.name, extra)
+        what = url_credentials(base_url) if base_url else None
+        if what:
+            raise ConfigError(f"judge 'openai': base_url holds credentials ({what}); give the key through "
+                              "api_key_env, the NAME of an environment variable, never in a URL")
         if int(max_concurrency) < 1:
             raise ConfigError(f"judge 'openai': max_concurrency must be >= 1, got {max_concurrency}")
         if int(max_retries) < 0:
@@ -576,6 +634,10 @@ class OpenAIJudgeParams(StrictModel):
 
     @model_validator(mode="after")
     def _check(self):
+        what = url_credentials(self.base_url) if self.base_url else None
+        if what:  # said without the URL itself
+            raise ValueError(f"base_url holds credentials ({what}); give the key through api_key_env, the NAME "
+                             "of an environment variable, never in a config or a URL")
         if self.max_concurrency < 1:
             raise ValueError(f"max_concurrency must be >= 1, got {self.max_concurrency}")
         if self.max_retries < 0:

@@ -19,7 +19,7 @@ import os
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from mera.errors import CheckpointError, ConfigError
+from mera.errors import CheckpointError
 from mera.interop._common import _load_tensors, _prepare_out, _save_tensors
 from mera.io import write_json
 
@@ -95,9 +95,7 @@ def export_stage(stage_dir: str | os.PathLike, out_dir: str | os.PathLike, *, co
         raise CheckpointError(f"{stage}: a {kind} stage: its LLM holds extra modules (PathWeave's adapters) that "
                               "cannot be folded into a plain HF model, so it cannot be exported; "
                               "`mera generate` works on the stage folder itself")
-    if out == stage or stage in out.parents:
-        raise ConfigError(f"{out}: the export folder may not be inside the stage folder")
-    _prepare_out(out, force, "exported model")
+    _prepare_out(out, force, "exported model", stage, "manifest.json", EXPORT_FORMAT)
     run_dir = find_run_dir(stage)
     from mera.continual.stages import load_stage
 
@@ -176,8 +174,8 @@ def load_exported(folder: str | os.PathLike, device: str | torch.device | None =
     llm_dir = folder / m.get("llm", "llm")
     dtype = getattr(torch, m.get("dtype") or "float32")
     try:
-        tok = AutoTokenizer.from_pretrained(str(llm_dir))
-        llm = AutoModelForCausalLM.from_pretrained(str(llm_dir), dtype=dtype)
+        tok = AutoTokenizer.from_pretrained(str(llm_dir), local_files_only=True)
+        llm = AutoModelForCausalLM.from_pretrained(str(llm_dir), dtype=dtype, local_files_only=True)
     except (OSError, ValueError) as e:
         raise CheckpointError(f"{llm_dir}: cannot load the exported language model ({e})") from None
     llm.requires_grad_(False)

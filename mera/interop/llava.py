@@ -112,7 +112,7 @@ def _load_llava_config(src: Path):
     from transformers import LlavaConfig
 
     try:
-        cfg = LlavaConfig.from_pretrained(str(src))
+        cfg = LlavaConfig.from_pretrained(str(src), local_files_only=True)
     except (OSError, ValueError, TypeError) as e:
         raise CheckpointError(f"{cfg_file}: not a valid LLaVA config ({e})") from None
     problems = []
@@ -139,7 +139,7 @@ def _tokenizer_with_template(tok_src: str):
     from transformers import AutoTokenizer
 
     try:
-        tok = AutoTokenizer.from_pretrained(tok_src)
+        tok = AutoTokenizer.from_pretrained(tok_src, local_files_only=True)
     except (OSError, ValueError, TypeError) as e:
         msg = " ".join(str(e).split())  # one line
         raise CheckpointError(f"{tok_src}: cannot load a tokenizer ({msg}); give one with --tokenizer DIR") from None
@@ -165,7 +165,7 @@ def _image_processor(src: Path):
     from transformers import CLIPImageProcessor
 
     try:
-        return CLIPImageProcessor.from_pretrained(str(src)), "copied from the LLaVA folder"
+        return CLIPImageProcessor.from_pretrained(str(src), local_files_only=True), "copied from the LLaVA folder"
     except Exception as e:  # optional: hf_clip falls back to the CLIP constants
         return None, f"not copied: unreadable ({type(e).__name__}: {' '.join(str(e).split())})"
 
@@ -185,9 +185,7 @@ def import_llava(llava_dir: str | os.PathLike, out_dir: str | os.PathLike, *, to
     out = Path(out_dir).expanduser().resolve()
     if not src.is_dir():
         raise CheckpointError(f"{src}: not a folder (expected a LLaVA checkpoint folder)")
-    if out == src or src in out.parents:
-        raise ConfigError(f"{out}: the output folder may not be inside the LLaVA folder")
-    _prepare_out(out, force, "imported model")
+    _prepare_out(out, force, "imported model", src, "import.json", IMPORT_FORMAT)
     cfg = _load_llava_config(src)
     vcfg, tcfg = cfg.vision_config, cfg.text_config
     tmt = getattr(tcfg, "model_type", None)
@@ -350,7 +348,7 @@ def import_llava(llava_dir: str | os.PathLike, out_dir: str | os.PathLike, *, to
         tcfg.save_pretrained(str(llm_dir))
         if (src / "generation_config.json").is_file():
             try:
-                GenerationConfig.from_pretrained(str(src)).save_pretrained(str(llm_dir))
+                GenerationConfig.from_pretrained(str(src), local_files_only=True).save_pretrained(str(llm_dir))
             except (OSError, ValueError) as e:
                 notes.append(f"generation_config.json not copied ({e})")
         else:

@@ -233,7 +233,7 @@ class QFormerConnector(nn.Module):
         from transformers import BertModel
 
         try:
-            bert = BertModel.from_pretrained(path)
+            bert = BertModel.from_pretrained(path, local_files_only=True)
         except (OSError, ValueError) as e:
             raise CheckpointError(f"cannot load a BERT checkpoint for the Q-Former from {path!r}: {e}") from e
         cfg = QFormerParams(num_queries=num_queries, cross_attention_frequency=cross_attention_frequency)

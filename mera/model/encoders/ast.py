@@ -60,7 +60,7 @@ class ASTAudioEncoder(nn.Module):
         if not path or not os.path.isdir(path):
             raise CheckpointError(f"hf_ast: {path!r} is not a folder with an AST checkpoint")
         try:
-            model = ASTModel.from_pretrained(path, dtype=dtype) if dtype else ASTModel.from_pretrained(path)
+            model = ASTModel.from_pretrained(path, local_files_only=True, **({"dtype": dtype} if dtype else {}))
         except (OSError, ValueError) as e:
             raise CheckpointError(f"hf_ast: cannot load an ASTModel from {path!r}: {e}") from e
         pp = os.path.join(path, "preprocessor_config.json")

@@ -74,14 +74,14 @@ class ClipVisionEncoder(nn.Module):
         if not path or not os.path.isdir(path):
             raise CheckpointError(f"hf_clip: {path!r} is not a folder with a CLIP checkpoint")
         try:
-            model = CLIPVisionModel.from_pretrained(path, dtype=dtype) if dtype else CLIPVisionModel.from_pretrained(path)
+            model = CLIPVisionModel.from_pretrained(path, local_files_only=True, **({"dtype": dtype} if dtype else {}))
         except (OSError, ValueError) as e:
             raise CheckpointError(f"hf_clip: cannot load a CLIPVisionModel from {path!r}: {e}") from e
         processor = None
         if os.path.isfile(os.path.join(path, "preprocessor_config.json")):
             from transformers import CLIPImageProcessor
 
-            processor = CLIPImageProcessor.from_pretrained(path)
+            processor = CLIPImageProcessor.from_pretrained(path, local_files_only=True)
         return cls(model, processor, feature_layer)
 
     def preprocess(self, media: np.ndarray) -> torch.Tensor:
