@@ -415,6 +415,16 @@ def test_corrupt_png_stops_the_run(image_set):
     assert not list(out.rglob("DONE"))
 
 
+def _png_claiming(png: bytes, width: int, height: int) -> bytes:
+    """``png`` with its header (IHDR) claiming ``width`` x ``height``: a decompression bomb's first bytes."""
+    import struct
+    import zlib
+
+    ihdr = bytearray(png[12:29])  # type + 13 bytes of data
+    ihdr[4:12] = struct.pack(">II", width, height)
+    return png[:12] + bytes(ihdr) + struct.pack(">I", zlib.crc32(bytes(ihdr))) + png[33:]
+
+
 def _media_cases(tmp: Path, assets: Path) -> dict:
     from mera.data.media import write_audio, write_points
     from mera.data.video import write_video_file
@@ -429,6 +439,7 @@ def _media_cases(tmp: Path, assets: Path) -> dict:
     np.save(tmp / "shape.npy", np.zeros((10, 3), np.float32))
     np.save(tmp / "nan.npy", np.full((8, 6), np.nan, np.float32))
     return {  # name: (modality, bytes or None = already written, what the message must say)
+        "bomb.png": ("image", _png_claiming(png, 40000, 40000), "40000 x 40000 = 1,600,000,000 pixels, more than mera decodes"),
         "truncated.png": ("image", png[:60], "cannot decode image"),
         "text.png": ("image", b"not an image", "cannot decode image"),
         "truncated.wav": ("audio", wav[: len(wav) // 2], "truncated WAV: header says 4000 frames"),

@@ -9,7 +9,20 @@ import subprocess
 import sys
 import textwrap
 
-from test_bad_input import EXPERT, STAGE2, assets, cli, home, resumable, resume, run, tree, without  # noqa: F401
+from test_bad_input import (  # noqa: F401
+    EXPERT,
+    STAGE2,
+    assets,
+    cli,
+    home,
+    image_set,
+    one_line_error,
+    resumable,
+    resume,
+    run,
+    tree,
+    without,
+)
 
 from mera.continual import checkpoint as ckpt
 from mera.io import UnitLock
@@ -174,3 +187,69 @@ def test_a_hub_name_is_never_fetched_whatever_the_entry_point(tmp_path):
     env = {k: v for k, v in os.environ.items() if k not in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE")}
     p = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env)
     assert "clean error:" in p.stdout and "connections: 0" in p.stdout, p.stdout + p.stderr[-2000:]
+
+
+def test_a_long_wav_is_read_only_as_far_as_the_encoder_looks(tmp_path):
+    """An hour-long file costs what its first seconds cost: read_audio stops after the encoder's window
+    (plus a margin), and the encoder's input is the same as from the whole file."""
+    import numpy as np
+    import torch
+
+    from mera.data.media import AUDIO_MARGIN_SECONDS, read_audio, read_media, write_audio
+    from mera.model.encoders.toy import ToyAudioEncoder
+
+    rate = 8000
+    wav = np.sin(np.arange(600 * rate) * 0.01).astype(np.float32) * 0.5  # ten minutes
+    write_audio(tmp_path / "long.wav", (wav, rate))
+    enc = ToyAudioEncoder(sample_rate=16000, seconds=1.0)  # resampled: the window's edge needs real samples
+    part = read_media("audio", tmp_path / "long.wav", enc.max_audio_seconds)
+    assert part.waveform.size == int(np.ceil((1.0 + AUDIO_MARGIN_SECONDS) * rate))
+    whole = read_audio(tmp_path / "long.wav")
+    assert whole.waveform.size == 600 * rate
+    assert torch.equal(enc.preprocess(part), enc.preprocess(whole))
+
+
+# ------------------------------------------------------------------ hostile files a reader meets
+
+
+def test_hostile_files_give_one_line(run, image_set, tmp_path):
+    """Files the run wrote and reads back, or a user hands over, damaged or hostile: one line naming
+    the file, exit 2, nothing written (or, for a measurement, a warning and the table without it)."""
+
+    cfg, out = run
+    # the run's own config.yaml, corrupt at resume (not UTF-8)
+    copy = tmp_path / "cfg-corrupt"
+    shutil.copytree(out, copy)
+    (copy / "config.yaml").write_bytes(b"name: \xff\xfe\x00 broken")
+    before = tree(copy)
+    one_line_error(resume(cfg, copy), str(copy / "config.yaml"), "unreadable")
+    assert tree(copy) == before
+    # a YAML alias bomb (billion laughs) as a config
+    bomb = tmp_path / "bomb.yaml"
+    bomb.write_text("a: &a [x, x, x, x, x, x, x, x, x]\n" + "".join(
+        f"{c}: &{c} [{', '.join(['*' + p] * 9)}]\n" for p, c in zip("abcdefgh", "bcdefghi")) + "name: *i\n")
+    one_line_error(cli("run", bomb, "--out", tmp_path / "b", "--dry-run"), str(bomb), "alias")
+    # a dataset file nested deeper than any JSON parser recurses
+    folder, icfg, iout = image_set
+    (folder / "qa_train.json").write_text("[" * 100000 + "]" * 100000)
+    one_line_error(cli("run", icfg, "--out", iout, "--quiet"), str(folder / "qa_train.json"), "nested too deeply")
+    # scores files: not UTF-8, an overflowing number, a field beyond the csv module's limit
+    good = (out / "scores.csv").read_text().splitlines()
+    cases = {"latin1.csv": ("\n".join(good).replace("FT", "F\xe9").encode("latin-1"), "not UTF-8"),
+             "overflow.csv": ("\n".join(good[:2] + [good[2].rsplit(",", 1)[0] + ",1e999"] + good[3:]).encode(),
+                              "not a finite number"),
+             "huge.csv": ("\n".join(good[:2] + ["x" * 200_000] + good[2:]).encode(), "not a scores CSV")}
+    for name, (data, needle) in cases.items():
+        (tmp_path / name).write_bytes(data)
+        one_line_error(cli("report", tmp_path / name, "--out", tmp_path / f"r-{name}"), str(tmp_path / name), needle)
+        assert not (tmp_path / f"r-{name}").exists()
+    # a measurement file (profile.json) corrupt at resume: a warning, the report without that figure
+    copy = tmp_path / "prof"
+    shutil.copytree(out, copy)
+    prof = next(copy.rglob("profile.json"))
+    prof.write_text('{"ms_per_token": ')
+    r = resume(cfg, copy)  # every stage is done (profile.json is a measurement, outside DONE): only the summaries
+    assert r.rc == 0 and "Traceback" not in r.err + r.out, r.err
+    assert f"warning: {prof}: unreadable inference profile" in r.out
+    eff = json.loads((copy / "efficiency.json").read_text())
+    assert "infer_ms_per_token" not in eff["FT"] and eff["FT"]["train_seconds"] > 0

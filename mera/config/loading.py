@@ -26,8 +26,21 @@ class _DuplicateKey(yaml.YAMLError):
         self.problem, self.problem_mark = str(self), None
 
 
+class _Alias(yaml.YAMLError):
+    def __init__(self, line: int):
+        super().__init__(f"an alias (*name) at line {line}; mera's configs do not use YAML anchors and aliases "
+                         "(nested aliases can expand a small file into billions of values): write the values out")
+        self.problem, self.problem_mark = str(self), None
+
+
 class _UniqueKeyLoader(yaml.SafeLoader):
-    """``yaml.SafeLoader`` that refuses a mapping with the same key twice (PyYAML keeps the last)."""
+    """``yaml.SafeLoader`` that refuses a mapping with the same key twice (PyYAML keeps the last) and
+    any alias (the "billion laughs" expansion)."""
+
+    def compose_node(self, parent, index):
+        if self.check_event(yaml.events.AliasEvent):
+            raise _Alias(self.peek_event().start_mark.line + 1)
+        return super().compose_node(parent, index)
 
     def construct_mapping(self, node, deep=False):
         seen: dict = {}
@@ -49,6 +62,10 @@ def read_yaml(path: str | Path) -> dict:
         raise ConfigError(f"{path}: config file not found")
     try:
         data = yaml.load(path.read_text(encoding="utf-8"), Loader=_UniqueKeyLoader)  # a SafeLoader
+    except (UnicodeDecodeError, OSError) as e:
+        raise ConfigError(f"{path}: cannot read the config ({type(e).__name__}: {e})") from None
+    except RecursionError:
+        raise ConfigError(f"{path}: invalid YAML: nested too deeply") from None
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         where = f" (line {mark.line + 1}, column {mark.column + 1})" if mark else ""
@@ -219,5 +236,12 @@ def load_config(path: str | Path | None, overrides: list[str] | None, schema: ty
     return validate(data, schema, source)
 
 
+class _NoAliasDumper(yaml.SafeDumper):
+    """Writes a repeated value out again rather than as an alias (the loader refuses aliases)."""
+
+    def ignore_aliases(self, data):
+        return True
+
+
 def dump_config(cfg: BaseModel) -> str:
-    return yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False)
+    return yaml.dump(cfg.model_dump(mode="json"), Dumper=_NoAliasDumper, sort_keys=False)

@@ -103,8 +103,8 @@ class StageLoop:
         if self.workers > 1:
             from mera.continual.workers import run_parallel
 
-            run_parallel(self, [u for u in units if u.kind == "expert"])  # every chain's stage 1 is an expert
-            run_parallel(self, [u for u in units if u.kind == "chain"])
+            # one pool: the experts first (every chain's stage 1 is an expert), then the chains
+            run_parallel(self, [[u for u in units if u.kind == "expert"], [u for u in units if u.kind == "chain"]])
         else:
             for unit in units:
                 self.run_unit(unit)

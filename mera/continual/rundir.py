@@ -107,13 +107,20 @@ class RunDir:
         return [self.for_seed(s) for s in self.cfg.run_seeds]
 
     # ------------------------------------------------------------------ paths
+    def _inside(self, path: Path) -> Path:
+        """``path``, asserted inside the run directory (names that become paths are checked where they
+        enter; this is the last guard before anything is written or deleted there)."""
+        if not path.resolve().is_relative_to(self.out.resolve()) or path.resolve() == self.out.resolve():
+            raise ConfigError(f"{path}: not inside the run directory {self.out}; a name in the config is a path")
+        return path
+
     def expert_dir(self, modality: str) -> Path:
-        return self.root / "experts" / modality
+        return self._inside(self.root / "experts" / modality)
 
     def stage_dir(self, order: str, method, i: int, modality: str) -> Path:
         """``method``: a MethodConfig or its name."""
         name = method if isinstance(method, str) else method.name
-        return self.root / order / slug(name) / f"stage_{i}_{modality}"
+        return self._inside(self.root / order / slug(name) / f"stage_{i}_{modality}")
 
     def steps_dir(self, folder: Path) -> Path:
         """Where a stage's step checkpoints live until it is DONE (outside the stage folder, which
@@ -137,12 +144,18 @@ class RunDir:
 
     def units(self) -> list[Unit]:
         """Every seed's experts, then every seed's chains (one unit per seed, order and family; the
-        largest families first, so that a pool of workers ends on small units, together)."""
+        costliest first, so that a pool of workers ends on small units, together)."""
         seeds = self.cfg.run_seeds
         chains = [Unit("chain", order=o, methods=f, seed=s) for s in seeds for o in self.cfg.orders
                   for f in families(self.cfg)]
+        from mera.continual.methods import resolve
+
+        def cost(u: Unit) -> tuple:  # a guess: more chains, or a strategy with its own LLM modules, cost more
+            own = any(resolve(it["name"]).info.get("llm") == "own" for k in u.methods for it in self.cfg.methods[k].strategies)
+            return (-len(u.methods), -int(own))
+
         return ([Unit("expert", modality=m, seed=s) for s in seeds for m in self.experts()]
-                + sorted(chains, key=lambda u: -len(u.methods)))  # stable: config order among equals
+                + sorted(chains, key=cost))  # stable: config order among equals
 
     def plan(self) -> dict:
         """What the run would train: the experts and every (order, method, stage), per seed."""
@@ -206,13 +219,12 @@ class RunDir:
         """The run's config.yaml, resolved by the current schema (a run written by an earlier release
         compares equal when it means the same)."""
         from mera.config import validate
+        from mera.config.loading import read_yaml
 
         try:
-            data = yaml.safe_load(cfg_file.read_text(encoding="utf-8"))
-        except (yaml.YAMLError, UnicodeDecodeError) as e:
-            raise ConfigError(f"{cfg_file}: the run's saved config is unreadable ({e})") from None
-        if not isinstance(data, dict):
-            raise ConfigError(f"{cfg_file}: the run's saved config is not a mapping")
+            data = read_yaml(cfg_file)  # the config loader's own checks (no aliases, no duplicate keys)
+        except ConfigError as e:
+            raise ConfigError(f"{cfg_file}: the run's saved config is unreadable ({str(e).split(': ', 1)[-1]})") from None
         try:
             return yaml.safe_load(dump_config(validate(data, type(self.cfg), str(cfg_file))))
         except ConfigError:
@@ -283,8 +295,14 @@ class RunDir:
             order = self.cfg.orders[first]
             prof_file = self.seed_dirs()[0].stage_dir(first, meth, len(order), order[-1]) / "profile.json"
             if prof_file.is_file():
-                prof = json.loads(prof_file.read_text())
-                entry.update({"infer_ms_per_token": prof["ms_per_token"], "infer_peak_mib": prof["peak_mib"],
-                              "llm_params_m": prof["llm_params_m"], "memory_kind": prof["memory_kind"]})
+                try:
+                    prof = json.loads(prof_file.read_text(encoding="utf-8"))
+                    entry.update({"infer_ms_per_token": float(prof["ms_per_token"]),
+                                  "infer_peak_mib": float(prof["peak_mib"]), "llm_params_m": float(prof["llm_params_m"]),
+                                  "memory_kind": str(prof["memory_kind"])})
+                except (OSError, UnicodeDecodeError, RecursionError, ValueError, KeyError, TypeError) as e:
+                    # a measurement, not a result: the table goes without it (mera profile measures it again)
+                    print(f"warning: {prof_file}: unreadable inference profile ({type(e).__name__}); the efficiency "
+                          "table leaves it out (mera profile RUN_DIR measures it again)", flush=True)
             out[meth.name] = entry
         return out

@@ -13,19 +13,25 @@ from pathlib import Path
 _LOOP = None  # this worker process's StageLoop (set up once: tokenizer, encoders, data, features)
 
 
-def run_parallel(loop, units: list) -> None:
+def run_parallel(loop, phases: list[list]) -> None:
+    """Run each list of units of ``phases`` in a pool of ``loop.workers`` processes, one list after
+    the other (a list starts when the one before is done: the experts, then the chains built on
+    them); the pool's processes, their loaded assets and feature caches serve every list."""
     import concurrent.futures
     import multiprocessing
 
     import torch
 
-    todo = [u for u in units if not loop.dir.unit_done(u)]
-    for u in units:
-        if u not in todo:
-            loop.log(f"[{u.name(loop.cfg)}] done, skipped")
-    if not todo:
+    todos = []
+    for units in phases:
+        todo = [u for u in units if not loop.dir.unit_done(u)]
+        for u in units:
+            if u not in todo:
+                loop.log(f"[{u.name(loop.cfg)}] done, skipped")
+        todos.append(todo)
+    if not any(todos):
         return
-    n = min(loop.workers, len(todo))
+    n = min(loop.workers, max(len(t) for t in todos))
     threads = max(1, (loop.cfg.threads or torch.get_num_threads()) // n)
     ctx = multiprocessing.get_context("spawn")  # never fork a process that has started torch threads
     # when a failure stops the workers, multiprocessing's resource tracker (its own process,
@@ -34,18 +40,19 @@ def run_parallel(loop, units: list) -> None:
     with concurrent.futures.ProcessPoolExecutor(n, mp_context=ctx, initializer=_worker_init,
                                                 initargs=(loop.cfg, str(loop.out), str(loop.config_dir),
                                                           threads, loop.verbose)) as pool:
-        futures = {pool.submit(_worker_run, u): u for u in todo}
-        try:
-            for f in concurrent.futures.as_completed(futures):
-                f.result()
-        except BaseException:
-            # stop at once: the other workers' unfinished stages have no DONE and are redone
-            # by --resume (every file is written atomically, so killing them loses nothing
-            # finished). ProcessPoolExecutor has no public way to stop running tasks.
-            for proc in list(getattr(pool, "_processes", {}).values()):
-                proc.terminate()
-            pool.shutdown(wait=True, cancel_futures=True)
-            raise
+        for todo in todos:
+            futures = {pool.submit(_worker_run, u): u for u in todo}
+            try:
+                for f in concurrent.futures.as_completed(futures):
+                    f.result()
+            except BaseException:
+                # stop at once: the other workers' unfinished stages have no DONE and are redone
+                # by --resume (every file is written atomically, so killing them loses nothing
+                # finished). ProcessPoolExecutor has no public way to stop running tasks.
+                for proc in list(getattr(pool, "_processes", {}).values()):
+                    proc.terminate()
+                pool.shutdown(wait=True, cancel_futures=True)
+                raise
 
 
 def _worker_init(cfg, out: str, config_dir: str, threads: int, verbose: bool) -> None:

@@ -146,6 +146,8 @@ def load_dataset(path: str | os.PathLike, check_media: bool = True) -> list[Samp
         raise DataError(f"{p}: not valid JSON ({e.msg} at line {e.lineno}, column {e.colno})") from None
     except (OSError, UnicodeDecodeError) as e:
         raise DataError(f"{p}: cannot read dataset file ({type(e).__name__}: {e})") from None
+    except RecursionError:
+        raise DataError(f"{p}: not a dataset file (JSON nested too deeply)") from None
     if not isinstance(raw, list):
         raise DataError(f"{p}: expected a JSON list of samples, got a JSON {type(raw).__name__}")
     base = Path(os.path.abspath(p)).parent

@@ -52,15 +52,30 @@ def _exists(path: str | os.PathLike, what: str) -> Path:
 # ----------------------------------------------------------------------------------- readers
 
 
+# the largest image (and video frame) mera decodes: 8192 x 8192. An encoder takes a few hundred
+# pixels a side; a bigger file is a mistake or a decompression bomb, refused from its header alone
+MAX_IMAGE_PIXELS = 8192 * 8192
+
+
+def check_pixels(p, width: int, height: int, what: str = "image") -> None:
+    if width * height > MAX_IMAGE_PIXELS:
+        raise DataError(f"{p}: the {what} is {width} x {height} = {width * height:,} pixels, more than mera decodes "
+                        f"({MAX_IMAGE_PIXELS:,}: mera.data.media.MAX_IMAGE_PIXELS); resize it first")
+
+
 def read_image(path: str | os.PathLike) -> np.ndarray:
-    """PNG / JPEG (any Pillow-readable image) -> ``uint8 [H, W, 3]`` (grey / RGBA / palette converted to RGB)."""
+    """PNG / JPEG (any Pillow-readable image) -> ``uint8 [H, W, 3]`` (grey / RGBA / palette converted to RGB);
+    an image of more than :data:`MAX_IMAGE_PIXELS` is refused from its header, before it is decoded."""
     from PIL import Image
 
     p = _exists(path, "image")
     try:
         with Image.open(p) as im:
+            check_pixels(p, *im.size)
             im.load()
             arr = np.asarray(im.convert("RGB"), dtype=np.uint8)
+    except DataError:
+        raise
     except Exception as e:  # PIL raises many kinds (UnidentifiedImageError, OSError, SyntaxError, ...)
         raise DataError(f"{p}: cannot decode image ({type(e).__name__}: {e})") from None
     if arr.ndim != 3 or arr.shape[2] != 3 or arr.shape[0] == 0 or arr.shape[1] == 0:
@@ -95,12 +110,19 @@ def read_video(paths: str | os.PathLike | Sequence[str | os.PathLike], num_frame
     return np.stack(frames)
 
 
-def read_audio(path: str | os.PathLike) -> AudioClip:
-    """WAV (integer PCM) -> :class:`AudioClip`; several channels are averaged to mono."""
+AUDIO_MARGIN_SECONDS = 0.5  # read beyond an encoder's window, so that resampling its edge sees real samples
+
+
+def read_audio(path: str | os.PathLike, max_seconds: float | None = None) -> AudioClip:
+    """WAV (integer PCM) -> :class:`AudioClip`; several channels are averaged to mono. ``max_seconds``:
+    read only the first that many seconds (plus a short margin): what an encoder that crops to its
+    window uses, not an hour-long file."""
     p = _exists(path, "audio")
     try:
         with wave.open(str(p), "rb") as w:
             channels, width, rate, n = w.getnchannels(), w.getsampwidth(), w.getframerate(), w.getnframes()
+            if max_seconds is not None and rate > 0:
+                n = min(n, int(np.ceil((float(max_seconds) + AUDIO_MARGIN_SECONDS) * rate)))
             data = w.readframes(n)
     except (wave.Error, EOFError, OSError) as e:
         raise DataError(f"{p}: cannot read WAV ({type(e).__name__}: {e}); only integer PCM WAV is supported") from None
@@ -163,8 +185,9 @@ def read_points(path: str | os.PathLike) -> np.ndarray:
     return np.ascontiguousarray(arr)
 
 
-def read_media(modality: str, path_or_paths) -> np.ndarray | AudioClip:
-    """Decode one sample's media for ``modality`` (see the module table for the returned forms)."""
+def read_media(modality: str, path_or_paths, max_seconds: float | None = None) -> np.ndarray | AudioClip:
+    """Decode one sample's media for ``modality`` (see the module table for the returned forms);
+    ``max_seconds``: the audio window the encoder uses (the rest of a longer file is not read)."""
     if modality == "video":
         return read_video(path_or_paths)
     if not isinstance(path_or_paths, (str, os.PathLike)):
@@ -172,7 +195,7 @@ def read_media(modality: str, path_or_paths) -> np.ndarray | AudioClip:
     if modality == "image":
         return read_image(path_or_paths)
     if modality == "audio":
-        return read_audio(path_or_paths)
+        return read_audio(path_or_paths, max_seconds)
     if modality == "point":
         return read_points(path_or_paths)
     raise DataError(f"{path_or_paths}: unknown modality {modality!r}")

@@ -137,7 +137,9 @@ class FeatureProvider:
         return self._features[_key(s)]
 
     def media(self, s: Sample) -> torch.Tensor:
-        return self.encoders[s.modality].preprocess(read_media(s.modality, s.media))
+        enc = self.encoders[s.modality]
+        # an audio encoder crops to its window: the rest of a long file is never read
+        return enc.preprocess(read_media(s.modality, s.media, getattr(enc, "max_audio_seconds", None)))
 
     @torch.no_grad()
     def warm(self, samples: list[Sample], desc: str = "features") -> None:

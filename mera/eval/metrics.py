@@ -250,6 +250,8 @@ def read_scores(paths: str | os.PathLike | Sequence[str | os.PathLike]) -> list[
             raise DataError(f"{path}: is a directory, expected a scores CSV file") from None
         except UnicodeDecodeError as e:
             raise DataError(f"{path}: not UTF-8 text ({e.reason})") from None
+        except csv.Error as e:  # e.g. a field beyond the csv module's size limit
+            raise DataError(f"{path}: not a scores CSV file ({e})") from None
     return rows
 
 

@@ -81,6 +81,11 @@ class ASTAudioEncoder(nn.Module):
                     raise CheckpointError(f"{pp}: {key} {pc[key]} differs from the model config's {mine}")
         return cls(model, **extra, **options)
 
+    @property
+    def max_audio_seconds(self) -> float:
+        """The window preprocess keeps: ``max_length`` frames of 10 ms and the last frame's 25 ms."""
+        return self.max_length * 0.010 + 0.025
+
     def preprocess(self, media) -> torch.Tensor:
         """AudioClip / (waveform, rate) / waveform -> float32 ``[max_length, num_mel_bins]``."""
         x = audio_waveform(media, self.sample_rate, self.allow_resample, who="hf_ast")

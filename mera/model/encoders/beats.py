@@ -327,6 +327,11 @@ class BEATsEncoder(nn.Module):
                          frame_length_ms=25.0, frame_shift_ms=10.0, window="povey", dither=0.0)
         return (fb - FBANK_MEAN) / (2 * FBANK_STD)
 
+    @property
+    def max_audio_seconds(self) -> float:
+        """The window preprocess keeps (mera.data.media reads no more of a file)."""
+        return self.max_seconds
+
     def preprocess(self, media) -> torch.Tensor:
         """AudioClip / (waveform, rate) / 16 kHz waveform -> float32 ``[num_frames, num_mel_bins]``."""
         x = audio_waveform(media, SAMPLE_RATE, self.allow_resample, who="beats")

@@ -139,6 +139,11 @@ class ToyAudioEncoder(nn.Module):
         self.norm = nn.LayerNorm(dim)
         self.register_buffer("window", torch.hann_window(n_fft), persistent=False)
 
+    @property
+    def max_audio_seconds(self) -> float:
+        """The window preprocess keeps (mera.data.media reads no more of a file)."""
+        return float(self.seconds)
+
     def config(self) -> dict:
         return {"sample_rate": self.sample_rate, "seconds": self.seconds, "n_fft": self.n_fft, "hop": self.hop,
                 "dim": self.dim, "width": self.width, "num_tokens": self.num_tokens}
