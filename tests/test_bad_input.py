@@ -543,19 +543,29 @@ CHECKPOINT_CASES = {
 
 @pytest.mark.parametrize("kind", list(CHECKPOINT_CASES))
 def test_bad_checkpoint_on_resume(resumable, assets, kind):
-    """Resuming the unfinished stage 2 loads stage 1's chain (stage 1 -> image expert)."""
+    """Resuming the unfinished stage 2 loads stage 1's chain (stage 1 -> image expert). The DONE files
+    are the first release's (no record of the files: a run directory of that release, or one a tool
+    rewrote whole), so the readers meet the damage; a recorded DONE would have the stage redone
+    instead (tests/test_run_safety.py)."""
     cfg, out = resumable
     mutate, file, needles = CHECKPOINT_CASES[kind]
     mutate(out, assets)
+    _unrecorded_done(out)
     before = tree(out)
     one_line_error(resume(cfg, out), str(out / file), *needles)
     assert tree(out) == before  # the unfinished stage is not even cleared
+
+
+def _unrecorded_done(out: Path) -> None:
+    for done in out.rglob("DONE"):
+        done.write_text("done\n")
 
 
 def test_connectors_of_another_backbone_on_resume(resumable):
     cfg, out = resumable
     f = out / STAGE1 / "connectors.safetensors"
     _save(f, {k: torch.zeros(*[s + 16 for s in v.shape]) for k, v in _load(f).items()})
+    _unrecorded_done(out)
     before = tree(out)
     one_line_error(resume(cfg, out), str(f), "image")
     assert tree(out) == before

@@ -38,7 +38,8 @@ def _run(cmd, env):
 
 
 def _stages(out: Path) -> list[Path]:
-    return sorted(p.parent.relative_to(out) for p in out.rglob("manifest.json"))
+    """The stage folders (not the shared-step store, whose content keys hold the deltas' bits)."""
+    return sorted(p.parent.relative_to(out) for p in out.rglob("manifest.json") if ".shared" not in p.parts)
 
 
 def test_two_processes_give_the_losses_weights_and_scores_of_one(micro_assets, tmp_path):

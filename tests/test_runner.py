@@ -366,7 +366,12 @@ def test_a_failing_worker_stops_the_parallel_run_with_its_error(micro_run, tmp_p
 
 def _to_version_1(run: Path, methods: list[dict]) -> None:
     """Rewrite a run directory as the first release wrote it: v1 manifests (LoRA files named
-    lora*.safetensors, all listed under "deltas") and a config.yaml in the first release's form."""
+    lora*.safetensors, all listed under "deltas", no state key), DONE without a record of the files,
+    no shared steps, and a config.yaml in the first release's form."""
+    shutil.rmtree(run / ".shared", ignore_errors=True)
+    shutil.rmtree(run / ".locks", ignore_errors=True)
+    for done in run.rglob("DONE"):
+        done.write_text("done\n")
     for manifest in run.rglob("manifest.json"):
         folder = manifest.parent
         m = json.loads(manifest.read_text())
@@ -380,6 +385,7 @@ def _to_version_1(run: Path, methods: list[dict]) -> None:
             if f.name.startswith(("delta", "fold_")):
                 f.unlink()
         m.pop("trained")
+        m.pop("state_key", None)
         manifest.write_text(json.dumps({**m, "format": "mera-stage-v1", "deltas": entries}, indent=2))
     cfg = yaml.safe_load((run / "config.yaml").read_text())
     cfg["methods"] = methods

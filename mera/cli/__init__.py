@@ -33,6 +33,14 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
+_BREAKS = "\n\r\v\f\x1c\x1d\x1e\x85\u2028\u2029"  # what str.splitlines splits at
+
+
+def _one_line(text: str) -> str:
+    """An error as one line: a line break inside a file's name or a config key is shown escaped."""
+    return "".join(repr(c)[1:-1] if c in _BREAKS else c for c in text)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = _parser()
     # key=value overrides may come before or after options (argparse stops positionals at options)
@@ -50,11 +58,11 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return args.func(args)
     except MeraError as e:
-        print(f"error: {e}", file=sys.stderr)
+        print(f"error: {_one_line(str(e))}", file=sys.stderr)
         return 2
     except OSError as e:  # e.g. disk full or a read-only folder while writing run files
         where = f"{e.filename}: " if getattr(e, "filename", None) else ""
-        print(f"error: {where}{e.strerror or e}", file=sys.stderr)
+        print(f"error: {_one_line(f'{where}{e.strerror or e}')}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)

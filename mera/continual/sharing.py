@@ -139,6 +139,6 @@ def load_step(folder: Path) -> tuple[StepResult, dict, dict, dict]:
     trained = ckpt.load_trained(folder)
     result = StepResult(own=bool(m.get("own")), pre_folds=ckpt.load_folds(folder),
                         trained=trained[0] if trained else None, seconds=float(m.get("seconds") or 0.0))
-    if not isinstance(m.get("log"), dict):
-        raise CheckpointError(f"{folder / ckpt.MANIFEST}: a shared step without its log")
+    if not isinstance(m.get("log"), dict) or any(d is None for d, _ in result.pre_folds):
+        raise CheckpointError(f"{folder / ckpt.MANIFEST}: not a shared step of this release")
     return result, ckpt.load_connectors(folder), ckpt.load_strategy_tensors(folder), m

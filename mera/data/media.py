@@ -69,15 +69,18 @@ def read_image(path: str | os.PathLike) -> np.ndarray:
     from PIL import Image
 
     p = _exists(path, "image")
+    bomb_limit, Image.MAX_IMAGE_PIXELS = Image.MAX_IMAGE_PIXELS, None  # mera's own limit, checked just below
     try:
         with Image.open(p) as im:
-            check_pixels(p, *im.size)
+            check_pixels(p, *im.size)  # from the header, before anything is decoded
             im.load()
             arr = np.asarray(im.convert("RGB"), dtype=np.uint8)
     except DataError:
         raise
     except Exception as e:  # PIL raises many kinds (UnidentifiedImageError, OSError, SyntaxError, ...)
         raise DataError(f"{p}: cannot decode image ({type(e).__name__}: {e})") from None
+    finally:
+        Image.MAX_IMAGE_PIXELS = bomb_limit
     if arr.ndim != 3 or arr.shape[2] != 3 or arr.shape[0] == 0 or arr.shape[1] == 0:
         raise DataError(f"{p}: decoded image has shape {arr.shape}, expected (H, W, 3)")
     return np.ascontiguousarray(arr)
