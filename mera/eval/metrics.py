@@ -514,6 +514,18 @@ def last_stage_bw_by_seed(runs: Sequence[RunMetrics]) -> dict[str, dict[int | No
             for m, by in acc.items()}
 
 
+def methods_and_orders(runs: Sequence[RunMetrics]) -> tuple[list[str], list[str]]:
+    """The methods and the orders of ``runs``, each in order of first appearance."""
+    methods: list[str] = []
+    orders: list[str] = []
+    for r in runs:
+        if r.method not in methods:
+            methods.append(r.method)
+        if r.order not in orders:
+            orders.append(r.order)
+    return methods, orders
+
+
 def last_stage_bw(runs: Sequence[RunMetrics]) -> dict[str, float]:
     """Headline per method: ``(1/O) * sum_o BW_m^o``, the last stage's backward RG of each order o.
 

@@ -23,7 +23,16 @@ from pathlib import Path
 from typing import Sequence
 
 from mera.errors import DataError
-from mera.eval.metrics import RunMetrics, ScoreRow, last_stage_bw, read_scores, run_metrics, seeds_of, summary_object
+from mera.eval.metrics import (
+    RunMetrics,
+    ScoreRow,
+    last_stage_bw,
+    methods_and_orders,
+    read_scores,
+    run_metrics,
+    seeds_of,
+    summary_object,
+)
 from mera.io import atomic_path, write_json, write_text
 
 UP = "\u2191"  # ↑ positive backward transfer marker
@@ -55,24 +64,13 @@ def _rose(now: float, before: float) -> bool:
     return round(now, 2) > round(before, 2)
 
 
-def _methods_orders(runs: Sequence[RunMetrics]) -> tuple[list[str], list[str]]:
-    methods: list[str] = []
-    orders: list[str] = []
-    for r in runs:
-        if r.method not in methods:
-            methods.append(r.method)
-        if r.order not in orders:
-            orders.append(r.order)
-    return methods, orders
-
-
 def _stage_means(runs: Sequence[RunMetrics], attr: str) -> dict[str, list[float]]:
     """Per method, the per-stage mean over its orders of ``attr`` (bw_rg / fw_rg).
 
     Stage i's denominator is the number of that method's orders that have a stage i.
     """
     out: dict[str, list[float]] = {}
-    methods, _ = _methods_orders(runs)
+    methods, _ = methods_and_orders(runs)
     for m in methods:
         series = [getattr(r, attr) for r in runs if r.method == m]
         n = max(len(s) for s in series)
@@ -145,7 +143,7 @@ def _extra_tables(runs: Sequence[RunMetrics], efficiency: dict | None, headline:
     """The ablation, realign and efficiency tables. With several seeds ``runs`` are the means over
     the seeds (:func:`mera.eval.seeds.mean_runs`), ``headline`` the mean last-stage BW over the
     seeds and ``n_seeds`` their number (the notes under the tables say so)."""
-    methods, orders = _methods_orders(runs)
+    methods, orders = methods_and_orders(runs)
     by_key = {(r.method, r.order): r for r in runs}
     if headline is None:
         headline = summary_object(runs)["last_stage_bw"]
@@ -219,7 +217,7 @@ def render_markdown(runs: Sequence[RunMetrics], sources: Sequence[str] = (), eff
     t-intervals, paired differences and the paper's orderings)."""
     if len(seeds_of(runs)) > 1:
         return _render_seeds(runs, sources, efficiency, level)
-    methods, orders = _methods_orders(runs)
+    methods, orders = methods_and_orders(runs)
     headline = summary_object(runs)["last_stage_bw"]
     lines: list[str] = ["# Continual-learning report", ""]
     if sources:
@@ -331,7 +329,7 @@ def _render_seeds(runs: Sequence[RunMetrics], sources: Sequence[str], efficiency
     """The report of a table with two seeds or more (see :func:`render_markdown`)."""
     from mera.eval.seeds import mean_runs, paired_differences, summarize_seeds
 
-    methods, orders = _methods_orders(runs)
+    methods, orders = methods_and_orders(runs)
     seeds = seeds_of(runs)
     pct = f"{100 * level:g}%"
     summaries = summarize_seeds(runs, level)
@@ -479,7 +477,7 @@ def render_figures(runs: Sequence[RunMetrics], level: float = 0.95) -> dict[str,
 
     With two seeds or more each line is the mean over the seeds (of each seed's mean over its
     orders) with a mean +- std band, and the heatmaps are means over the seeds."""
-    _, orders = _methods_orders(runs)
+    _, orders = methods_and_orders(runs)
     note = f" (mean over orders: {', '.join(orders)})" if len(orders) > 1 else f" (order: {orders[0]})"
     seeds = seeds_of(runs)
     if len(seeds) > 1:

@@ -34,6 +34,7 @@ from mera.eval.metrics import (
     last_stage_bw,
     last_stage_bw_by_seed,
     mean_std,
+    methods_and_orders,
     seed_order,
     seeds_of,
 )
@@ -119,17 +120,6 @@ def _nanmean(values: Iterable[float]) -> float:
     return sum(values) / len(values)
 
 
-def _methods_orders(runs: Sequence[RunMetrics]) -> tuple[list[str], list[str]]:
-    methods: list[str] = []
-    orders: list[str] = []
-    for r in runs:
-        if r.method not in methods:
-            methods.append(r.method)
-        if r.order not in orders:
-            orders.append(r.order)
-    return methods, orders
-
-
 @dataclass
 class SeedStats:
     """One method's statistics for one seed (percent).
@@ -196,7 +186,7 @@ def summarize_seeds(runs: Sequence[RunMetrics], level: float = LEVEL) -> dict[st
     t-interval over the seeds (each over the seeds that have it: an order or a stage a seed
     did not run does not count)."""
     stats = per_seed_stats(runs)
-    _, orders = _methods_orders(runs)
+    _, orders = methods_and_orders(runs)
     out: dict[str, MethodSummary] = {}
     for m, by_seed in stats.items():
         seeds = list(by_seed)
@@ -256,7 +246,7 @@ def mean_runs(runs: Sequence[RunMetrics]) -> list[RunMetrics]:
 def stage_curves(runs: Sequence[RunMetrics], attr: str = "bw_rg", level: float = LEVEL) -> dict[str, list[Interval]]:
     """Per method, per stage: the interval over the seeds of the seed's per-stage mean over its
     orders of ``attr`` (``bw_rg`` / ``fw_rg``), the curve the figures draw with a band."""
-    methods, _ = _methods_orders(runs)
+    methods, _ = methods_and_orders(runs)
     out: dict[str, list[Interval]] = {}
     for m in methods:
         curves = []
@@ -381,7 +371,7 @@ def paired_differences(runs: Sequence[RunMetrics], level: float = LEVEL) -> list
     """For each pair of :func:`comparison_pairs`: the paired difference of the headline
     last-stage BW, then of each order's mean BW (pairs and orders with no common seed left out)."""
     stats = per_seed_stats(runs)
-    methods, orders = _methods_orders(runs)
+    methods, orders = methods_and_orders(runs)
     out = []
     for a, b, claims in comparison_pairs(methods):
         for statistic, order in [("last_stage_bw", None)] + [("bw_mean", o) for o in orders]:
