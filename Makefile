@@ -38,6 +38,7 @@ bench: $(STAMP)
 	$(BIN)/python benchmarks/workers_bench.py
 	$(BIN)/python benchmarks/loop_parity.py
 	$(BIN)/python benchmarks/sharing_bench.py
+	$(BIN)/python benchmarks/judge_cache_bench.py
 
 clean-venv:
 	rm -rf $(VENV)

@@ -270,3 +270,24 @@ def test_sweep_end_to_end_picks_the_best_value_on_val(tmp_path, micro_assets, mo
     assert sorted(p for p in out.rglob("DONE")) == before
     res2 = json.loads((out / "sweep.json").read_text())
     assert res2["metric"] == "mean_bw" and res2["chosen"]["method"] == best(1)
+
+
+def test_with_several_seeds_the_choice_uses_the_mean_over_the_seeds(tmp_path):
+    """A sweep over a config with seeds: each value's metrics are the means over the seeds (two seeds
+    here, one favouring each value, so that only the mean decides)."""
+    _, cfg = _cfg(tmp_path, orders={"sequential": ["image", "point"], "reverse": ["point", "image"]})
+    plan = plan_sweep(cfg, "EWC", [SweepParam("ewc.lam", ["10", "1"])], tmp_path / "sw")
+    texts = []
+    for seed, table in ((0, {"EWC [ewc.lam=10]": (0.9, 0.9), "EWC [ewc.lam=1]": (0.5, 0.5)}),
+                        (1, {"EWC [ewc.lam=10]": (0.4, 0.4), "EWC [ewc.lam=1]": (0.7, 0.7)})):
+        _scores(tmp_path / f"s{seed}.csv", table)
+        lines = (tmp_path / f"s{seed}.csv").read_text().splitlines()
+        head, cols = lines[0], lines[0].split(",")
+        i = cols.index("seed")
+        texts += [",".join(c if k != i else str(seed) for k, c in enumerate(line.split(","))) for line in lines[1:]]
+    (tmp_path / "sw").mkdir()
+    (tmp_path / "sw" / "scores.csv").write_text("\n".join([head] + texts) + "\n")
+    res = analyse(plan, "last_bw")
+    # last BW per seed: lam=10: 90 and 40 -> 65; lam=1: 50 and 70 -> 60 (seed 1 alone would choose lam=1)
+    assert [r["last_bw"] for r in res["table"]] == pytest.approx([65.0, 60.0])
+    assert res["chosen"]["text"] == {"ewc.lam": "10"}
