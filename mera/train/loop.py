@@ -22,6 +22,7 @@ phase together and take the same optimizer steps as one process would:
 
 from __future__ import annotations
 
+import contextlib
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -264,7 +265,14 @@ def train_phase(
     torch.manual_seed(seed)
     optimizer = torch.optim.AdamW(param_groups, weight_decay=weight_decay)
     scheduler = get_cosine_schedule_with_warmup(optimizer, warmup, sched_steps)
-    model, optimizer, loader, scheduler = acc.prepare(model, optimizer, loader, scheduler)
+    # one process on the CPU, with our own Accelerator: plain PyTorch steps, exactly what accelerate
+    # does there (the loss / accumulation, the optimizer and scheduler stepped and the gradients
+    # cleared at the end of each accumulation window and of each epoch) without its wrappers' cost
+    # (benchmarks/loop_parity.py; the golden files are byte-identical either way)
+    plain = own and world == 1 and not torch.cuda.is_available()
+    if not plain:
+        model, optimizer, loader, scheduler = acc.prepare(model, optimizer, loader, scheduler)
+    per_epoch = len(loader)
     total_micro = max(1, int(round(len(loader) * epochs)))
     total_steps = max(1, math.ceil(total_micro / accum))
     params = [p for g in param_groups for p in g["params"]]
@@ -290,11 +298,13 @@ def train_phase(
         epoch_gen = gen.get_state()  # the permutation of this epoch is drawn from here
         if skip == 0:
             epoch_start = done_micro
-        for batch in loader:
+        for k, batch in enumerate(loader):
             if skip:  # resumed mid-epoch: replay the data order up to where the checkpoint was
                 skip -= 1
                 continue
-            with acc.accumulate(model):
+            # accelerate's window: every accum micro-batches of an epoch, and the epoch's last one
+            sync = (k + 1) % accum == 0 or k + 1 == per_epoch
+            with contextlib.nullcontext() if plain else acc.accumulate(model):
                 if world == 1:
                     loss = model(batch).loss
                     shown = loss
@@ -318,15 +328,25 @@ def train_phase(
                     raise MeraError(f"{desc}: the training loss is {shown.detach().float().item()} at step "
                                     f"{result.steps + 1} of {total_steps} (micro-batch {done_micro + 1}); training "
                                     f"stopped before that step (lower {knob}, or check the data)")
-                acc.backward(loss)
-                if acc.sync_gradients and max_grad_norm:
-                    acc.clip_grad_norm_(params, max_grad_norm)
-                optimizer.step()
-                scheduler.step()
-                optimizer.zero_grad(set_to_none=True)
+                if plain:
+                    (loss / accum).backward()
+                    if sync:
+                        if max_grad_norm:
+                            torch.nn.utils.clip_grad_norm_(params, max_grad_norm)
+                        optimizer.step()
+                        scheduler.step()
+                        optimizer.zero_grad(set_to_none=True)
+                else:
+                    acc.backward(loss)
+                    if acc.sync_gradients and max_grad_norm:
+                        acc.clip_grad_norm_(params, max_grad_norm)
+                    optimizer.step()
+                    scheduler.step()
+                    optimizer.zero_grad(set_to_none=True)
+                    sync = acc.sync_gradients
             window.append(shown.detach().float().item())
             done_micro += 1
-            if acc.sync_gradients or done_micro == total_micro:
+            if sync or done_micro == total_micro:
                 result.losses.append(sum(window) / len(window))
                 window = []
                 result.steps += 1
