@@ -25,7 +25,7 @@ demo: $(STAMP)
 test: lint
 	$(BIN)/python -m pytest
 
-# the inner loop: lint and the tests that do not train a run (under 90 s)
+# the inner loop: lint and the tests that do not train a run (about 90 s)
 test-fast: lint
 	$(BIN)/python -m pytest -m "not slow"
 
