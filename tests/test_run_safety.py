@@ -253,3 +253,20 @@ def test_hostile_files_give_one_line(run, image_set, tmp_path):
     assert f"warning: {prof}: unreadable inference profile" in r.out
     eff = json.loads((copy / "efficiency.json").read_text())
     assert "infer_ms_per_token" not in eff["FT"] and eff["FT"]["train_seconds"] > 0
+
+
+def test_two_fresh_runs_on_one_directory_the_second_is_refused(run, tmp_path):
+    """The run's config is written under its lock: while another process sets the directory up, a
+    fresh run is refused in one line; once a config is there, a fresh run (no --resume) is refused."""
+    cfg, _ = run
+    out = tmp_path / "new"
+    lock = UnitLock(out / ".locks" / "config.lock")
+    assert lock.acquire("writing the run's config (a test holding it)") is None
+    try:
+        one_line_error(cli("run", cfg, "--out", out, "--quiet"), str(out), f"process {os.getpid()}",
+                       "setting up this run directory")
+    finally:
+        lock.release()
+    assert not (out / "config.yaml").exists()
+    (out / "config.yaml").write_text((run[1] / "config.yaml").read_text())
+    one_line_error(cli("run", cfg, "--out", out, "--quiet"), str(out), "already there; pass --resume")
