@@ -134,6 +134,14 @@ def ablation_rows(methods: Sequence[str]) -> list[tuple[str, bool, bool]]:
     return rows
 
 
+def _title(sources: Sequence[str]) -> list[str]:
+    """The report's first lines: its title, the scores files, the main table's heading."""
+    lines = ["# Continual-learning report", ""]
+    if sources:
+        lines += ["Scores: " + ", ".join(f"`{s}`" for s in sources), ""]
+    return lines + ["## Backward relative gain (%)", ""]
+
+
 def _signed(x: float) -> str:
     return _fmt(x) if x < 0 or math.isnan(x) else "+" + _fmt(x)
 
@@ -219,12 +227,7 @@ def render_markdown(runs: Sequence[RunMetrics], sources: Sequence[str] = (), eff
         return _render_seeds(runs, sources, efficiency, level)
     methods, orders = methods_and_orders(runs)
     headline = summary_object(runs)["last_stage_bw"]
-    lines: list[str] = ["# Continual-learning report", ""]
-    if sources:
-        lines += ["Scores: " + ", ".join(f"`{s}`" for s in sources), ""]
-    lines += [
-        "## Backward relative gain (%)",
-        "",
+    lines = _title(sources) + [
         "| method | " + " | ".join(_cell(o) for o in orders) + " | last-stage BW (avg over orders) |",
         "|---" * (len(orders) + 2) + "|",
     ]
@@ -333,12 +336,7 @@ def _render_seeds(runs: Sequence[RunMetrics], sources: Sequence[str], efficiency
     seeds = seeds_of(runs)
     pct = f"{100 * level:g}%"
     summaries = summarize_seeds(runs, level)
-    lines: list[str] = ["# Continual-learning report", ""]
-    if sources:
-        lines += ["Scores: " + ", ".join(f"`{s}`" for s in sources), ""]
-    lines += [
-        "## Backward relative gain (%)",
-        "",
+    lines = _title(sources) + [
         "| method | seeds | " + " | ".join(_cell(o) for o in orders) + f" | last-stage BW (avg over orders) | {pct} CI |",
         "|---" * (len(orders) + 4) + "|",
     ]
