@@ -54,8 +54,9 @@ def main(out: str, ck: str | None) -> None:
     # phase 1: the blocks and the head (frozen input layer in the same FSDP units); micro-batches
     # of 2 accumulated to 4; 22 samples: an uneven last micro-batch, padded for 2 processes
     trainable = [p for b in model.blocks for p in b.parameters()] + list(model.out.parameters())
+    penalty = (lambda: model.out.weight.pow(2).sum()) if os.environ.get("FSDP_PHASE_PENALTY") else None
     r1 = train_phase(model, [{"params": trainable, "lr": 1e-2}], data, collate, batch_size=4, micro_batch_size=2,
-                     epochs=2, warmup_ratio=0.1, seed=3, progress=False,
+                     epochs=2, warmup_ratio=0.1, seed=3, progress=False, extra_loss=penalty,
                      checkpoint=StepCheckpoint(Path(ck), every=2) if ck else None)
     # phase 2 wraps the same model again: the input layer alone (as mera's run_phase sets it)
     for p in model.parameters():

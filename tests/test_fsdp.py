@@ -25,7 +25,8 @@ def _env(**extra) -> dict:
     return env
 
 
-def _run(out: Path, ck: Path | None = None, processes: int = 1, policy: str = "NO_WRAP", fault: str = "") -> int:
+def _run(out: Path, ck: Path | None = None, processes: int = 1, policy: str = "NO_WRAP", fault: str = "",
+         **env_extra) -> int:
     cmd = [str(SCRIPT), str(out)] + ([str(ck)] if ck else [])
     env = _env()
     if processes == 1:
@@ -36,6 +37,7 @@ def _run(out: Path, ck: Path | None = None, processes: int = 1, policy: str = "N
                    FSDP_USE_ORIG_PARAMS="true", FSDP_VERSION="1")
     if fault:
         env["MERA_FAULT"] = fault
+    env.update(env_extra)
     r = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
     if r.returncode and not fault:
         print(r.stderr[-3000:])
@@ -105,3 +107,10 @@ def test_unknown_fsdp_settings_are_refused_in_one_line(monkeypatch):
     assert fsdp.settings() == fsdp.FsdpSettings("FULL_SHARD", "NO_WRAP", 1)
     monkeypatch.delenv("ACCELERATE_USE_FSDP")
     assert fsdp.settings() is None
+
+
+def test_a_penalty_on_the_parameters_is_refused_under_fsdp(tmp_path, capsys):
+    # EWC's penalty reads the parameters outside the forward pass, where each process holds a shard
+    assert _run(tmp_path / "p.json", processes=2, FSDP_PHASE_PENALTY="1") != 0
+    assert "cannot run under FSDP" in capsys.readouterr().out
+    assert _run(tmp_path / "p1.json", FSDP_PHASE_PENALTY="1") == 0  # one process: fine
