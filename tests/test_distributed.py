@@ -42,22 +42,55 @@ def _stages(out: Path) -> list[Path]:
     return sorted(p.parent.relative_to(out) for p in out.rglob("manifest.json") if ".shared" not in p.parts)
 
 
-def test_two_processes_give_the_losses_weights_and_scores_of_one(micro_assets, tmp_path):
+PRESETS = Path(__file__).resolve().parents[1] / "configs" / "accelerate"
+
+
+def _env(tmp: Path) -> dict:
+    env = {k: v for k, v in os.environ.items()
+           if not k.startswith(("MERA_FAULT", "WORLD_SIZE", "RANK", "LOCAL_", "ACCELERATE_", "FSDP_"))}
+    env.update(MERA_HOME=str(tmp / "home"), OMP_NUM_THREADS="1", OMP_WAIT_POLICY="PASSIVE")
+    return env
+
+
+@pytest.fixture(scope="module")
+def one_process(micro_assets, tmp_path_factory):
+    """The micro run in one process (the reference of the multi-process runs), and its config."""
+    tmp = tmp_path_factory.mktemp("one-process")
+    cfg_path = micro_config(micro_assets, tmp, methods=METHODS)
+    cfg = yaml.safe_load(cfg_path.read_text())
+    cfg["model"]["branches"]["point"]["connector"] = {"type": "mlp"}  # no dropout (see the docstring)
+    cfg_path.write_text(yaml.safe_dump(cfg))
+    _run([sys.executable, "-m", "mera", "run", str(cfg_path), "--out", str(tmp / "one"), "--quiet"], _env(tmp))
+    return tmp / "one", cfg_path, cfg
+
+
+# the same run by 2 CPU processes: torchrun (DDP), and accelerate launch with the FSDP preset
+LAUNCHES = {
+    "ddp": [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"],
+    "fsdp": [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(PRESETS / "fsdp.yaml"),
+             "--num_processes", "2", "--main_process_port"],
+}
+
+
+def _free_port() -> str:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return str(s.getsockname()[1])
+
+
+@pytest.mark.parametrize("launch", list(LAUNCHES))
+def test_two_processes_give_the_losses_weights_and_scores_of_one(one_process, tmp_path, launch):
     from safetensors.torch import load_file
     from transformers import AutoModelForCausalLM
 
     from mera.continual import checkpoint as ckpt
 
-    cfg_path = micro_config(micro_assets, tmp_path, methods=METHODS)
-    cfg = yaml.safe_load(cfg_path.read_text())
-    cfg["model"]["branches"]["point"]["connector"] = {"type": "mlp"}  # no dropout (see the docstring)
-    cfg_path.write_text(yaml.safe_dump(cfg))
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("MERA_FAULT", "WORLD_SIZE", "RANK", "LOCAL_"))}
-    env.update(MERA_HOME=str(tmp_path / "home"), OMP_NUM_THREADS="1", OMP_WAIT_POLICY="PASSIVE")
-    one, two = tmp_path / "one", tmp_path / "two"
-    _run([sys.executable, "-m", "mera", "run", str(cfg_path), "--out", str(one), "--quiet"], env)
-    r = _run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-              "-m", "mera", "run", str(cfg_path), "--out", str(two), "--quiet"], env)
+    one, cfg_path, cfg = one_process
+    two = tmp_path / "two"
+    cmd = LAUNCHES[launch] + ([_free_port()] if launch == "fsdp" else [])
+    r = _run(cmd + ["-m", "mera", "run", str(cfg_path), "--out", str(two), "--quiet"], _env(tmp_path))
     assert r.stdout.count("[expert image] training") == 1  # only the main process logs
 
     stages = _stages(one)

@@ -36,6 +36,12 @@ from transformers import get_cosine_schedule_with_warmup
 
 from mera.errors import MeraError
 from mera.faults import fault_point
+from mera.train.fsdp import accelerate_without_fsdp, full_optimizer_state, load_full_optimizer_state
+from mera.train.fsdp import settings as fsdp_settings
+from mera.train.fsdp import unwrap as fsdp_unwrap
+from mera.train.fsdp import whole as fsdp_whole
+from mera.train.fsdp import whole_writeback as fsdp_whole_writeback
+from mera.train.fsdp import wrap as fsdp_wrap
 
 
 @dataclass
@@ -56,13 +62,25 @@ class StepCheckpoint:
         return self.path.with_suffix(".safetensors"), self.path.with_suffix(".json")
 
 
-def _save_state(ck: StepCheckpoint, params, optimizer, scheduler, gen_state, state: dict) -> None:
+def _save_state(ck: StepCheckpoint, params, optimizer, scheduler, gen_state, state: dict, *,
+                main: bool = True, fsdp=None) -> None:
+    """Write the step checkpoint (the main process). Under FSDP (``fsdp``: the wrapped model)
+    every process takes part in gathering the whole parameters and AdamW state first."""
     from safetensors.torch import save_file
 
     from mera.io import atomic_path, write_json
 
-    tensors = {f"param.{i}": p.detach().cpu().contiguous() for i, p in enumerate(params)}
-    opt = optimizer.state_dict()
+    if fsdp is not None:
+        opt = full_optimizer_state(fsdp, optimizer, params)
+        with fsdp_whole(fsdp):
+            tensors = {f"param.{i}": p.detach().cpu().clone() for i, p in enumerate(params)}
+        if not main:
+            return
+    else:
+        if not main:
+            return
+        tensors = {f"param.{i}": p.detach().cpu().contiguous() for i, p in enumerate(params)}
+        opt = optimizer.state_dict()
     for i, st in opt["state"].items():
         for k, v in st.items():
             tensors[f"opt.{i}.{k}"] = v.detach().cpu().contiguous() if torch.is_tensor(v) else torch.tensor(v)
@@ -85,7 +103,7 @@ def _digest(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
-def _load_state(ck: StepCheckpoint, params, optimizer, scheduler) -> tuple[dict, torch.Tensor] | None:
+def _load_state(ck: StepCheckpoint, params, optimizer, scheduler, fsdp=None) -> tuple[dict, torch.Tensor] | None:
     """Restore a saved state into ``params``/``optimizer``/``scheduler``; None if there is none
     (or it belongs to another file pair: a crash between the two writes)."""
     import json
@@ -99,7 +117,7 @@ def _load_state(ck: StepCheckpoint, params, optimizer, scheduler) -> tuple[dict,
     if state.get("tensors_sha") != _digest(t_file) or state.get("n_params") != len(params):
         return None  # the pair is out of step: start the phase over
     tensors = load_file(str(t_file))
-    with torch.no_grad():
+    with torch.no_grad(), (fsdp_whole_writeback(fsdp) if fsdp is not None else contextlib.nullcontext()):
         for i, p in enumerate(params):
             p.copy_(tensors[f"param.{i}"].to(p.device, p.dtype))
     opt_state: dict = {}
@@ -107,7 +125,10 @@ def _load_state(ck: StepCheckpoint, params, optimizer, scheduler) -> tuple[dict,
         if key.startswith("opt."):
             _, i, k = key.split(".", 2)
             opt_state.setdefault(int(i), {})[k] = v
-    optimizer.load_state_dict({"state": opt_state, "param_groups": state["param_groups"]})
+    if fsdp is not None:  # a whole (unsharded) state, sharded into this process's optimizer
+        load_full_optimizer_state(fsdp, optimizer, params, {"state": opt_state, "param_groups": state["param_groups"]})
+    else:
+        optimizer.load_state_dict({"state": opt_state, "param_groups": state["param_groups"]})
     sched = scheduler.state_dict()
     sched.update(state["scheduler"])
     scheduler.load_state_dict(sched)
@@ -234,18 +255,22 @@ def train_phase(
     micro = min(micro_batch_size or batch_size, batch_size)
     accum = max(1, batch_size // micro)
     own = accelerator is None
+    fsdp = fsdp_settings()
     if own:
         from accelerate.utils import DataLoaderConfiguration, DistributedDataParallelKwargs
 
         # cpu=True is what makes accelerate set up a (gloo) process group on CPU; split_batches:
         # a loader batch is the micro-batch of all processes together; find_unused_parameters:
-        # a connector may get no gradient in a mixed-modality batch (replay, realign)
-        accelerator = Accelerator(cpu=not torch.cuda.is_available(), gradient_accumulation_steps=accum,
-                                  dataloader_config=DataLoaderConfiguration(split_batches=True),
-                                  kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True)])
+        # a connector may get no gradient in a mixed-modality batch (replay, realign). Under FSDP
+        # the phase wraps the model itself (mera/train/fsdp.py), not accelerate's plugin.
+        with accelerate_without_fsdp() if fsdp else contextlib.nullcontext():
+            accelerator = Accelerator(cpu=not torch.cuda.is_available(), gradient_accumulation_steps=accum,
+                                      dataloader_config=DataLoaderConfiguration(split_batches=True),
+                                      kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True)])
     acc = accelerator
     acc.gradient_accumulation_steps = accum
     world = acc.num_processes
+    sharded = fsdp is not None and own and world > 1
     if world > 1 and not acc.split_batches:
         raise MeraError("train_phase on several processes needs an Accelerator with split_batches=True")
 
@@ -270,8 +295,17 @@ def train_phase(
     # cleared at the end of each accumulation window and of each epoch) without its wrappers' cost
     # (benchmarks/loop_parity.py; the golden files are byte-identical either way)
     plain = own and world == 1 and not torch.cuda.is_available()
-    if not plain:
+    module = model
+    if sharded:  # our own FSDP wrapper (mera/train/fsdp.py); accelerate only splits the batches
+        loader = acc.prepare(loader)
+        model = fsdp_wrap(module, fsdp, acc.device)
+    elif not plain:
         model, optimizer, loader, scheduler = acc.prepare(model, optimizer, loader, scheduler)
+    manual = plain or sharded  # we step the optimizer ourselves
+    if sharded and extra_loss is not None:
+        raise MeraError(f"{desc}: a loss term computed from the parameters (EWC's penalty) cannot run under "
+                        "FSDP, where each process holds only a shard of them outside the forward pass; "
+                        "use the DDP or DeepSpeed ZeRO-2 preset for this method")
     per_epoch = len(loader)
     total_micro = max(1, int(round(len(loader) * epochs)))
     total_steps = max(1, math.ceil(total_micro / accum))
@@ -283,7 +317,7 @@ def train_phase(
     skip, epoch_start = 0, 0  # micro-batches of the current epoch already done (resume)
     epoch_gen = gen.get_state()
     if checkpoint is not None:
-        loaded = _load_state(checkpoint, params, optimizer, scheduler)
+        loaded = _load_state(checkpoint, params, optimizer, scheduler, fsdp=model if sharded else None)
         if loaded is not None:
             state, epoch_gen = loaded
             done_micro, epoch_start = state["done_micro"], state["epoch_start"]
@@ -304,7 +338,11 @@ def train_phase(
                 continue
             # accelerate's window: every accum micro-batches of an epoch, and the epoch's last one
             sync = (k + 1) % accum == 0 or k + 1 == per_epoch
-            with contextlib.nullcontext() if plain else acc.accumulate(model):
+            if sharded and not sync:
+                ctx = model.no_sync()  # FSDP: accumulate unsharded gradients until the window's last one
+            else:
+                ctx = contextlib.nullcontext() if manual else acc.accumulate(model)
+            with ctx:
                 if world == 1:
                     loss = model(batch).loss
                     shown = loss
@@ -328,10 +366,12 @@ def train_phase(
                     raise MeraError(f"{desc}: the training loss is {shown.detach().float().item()} at step "
                                     f"{result.steps + 1} of {total_steps} (micro-batch {done_micro + 1}); training "
                                     f"stopped before that step (lower {knob}, or check the data)")
-                if plain:
+                if manual:
                     (loss / accum).backward()
                     if sync:
-                        if max_grad_norm:
+                        if max_grad_norm and sharded:  # the norm over every process's shard
+                            model.clip_grad_norm_(max_grad_norm)
+                        elif max_grad_norm:
                             torch.nn.utils.clip_grad_norm_(params, max_grad_norm)
                         optimizer.step()
                         scheduler.step()
@@ -353,18 +393,23 @@ def train_phase(
                 bar.update(1)
                 bar.set_postfix(loss=f"{result.losses[-1]:.3f}")
                 if (checkpoint is not None and checkpoint.every and result.steps % checkpoint.every == 0
-                        and done_micro < total_micro and acc.is_main_process):
+                        and done_micro < total_micro):
                     _save_state(checkpoint, params, optimizer, scheduler, epoch_gen,
                                 {"done_micro": done_micro, "epoch_start": epoch_start, "losses": result.losses,
-                                 "steps": result.steps, "complete": False})
+                                 "steps": result.steps, "complete": False},
+                                main=acc.is_main_process, fsdp=model if sharded else None)
                 fault_point("train_step")
             if done_micro >= total_micro:
                 break
-    if checkpoint is not None and acc.is_main_process:
+    if checkpoint is not None:
         _save_state(checkpoint, params, optimizer, scheduler, epoch_gen,
                     {"done_micro": done_micro, "epoch_start": epoch_start, "losses": result.losses,
-                     "steps": result.steps, "complete": True})
+                     "steps": result.steps, "complete": True},
+                    main=acc.is_main_process, fsdp=model if sharded else None)
     bar.close()
+    if sharded:  # whole weights again in every process, in the model's own parameters
+        fsdp_unwrap(model, module)
+        model = module
     model.eval()
     if own and world > 1:
         # drop the DDP wrapper (and its gradient hooks on the shared parameters) before the next
