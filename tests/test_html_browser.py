@@ -110,7 +110,9 @@ def test_a_missing_chromium_fails_the_test_and_says_what_to_do(monkeypatch):
 
     monkeypatch.setattr(browser, "CHROMIUM", "/nonexistent/chromium")
     monkeypatch.delenv("MERA_SKIP_BROWSER", raising=False)
-    with pytest.raises(pytest.fail.Exception, match=r"/nonexistent/chromium not found: .* Run \.ci/run \(it installs one\) or `apt-get install -y chromium chromium-driver`"):
+    said = (r"/nonexistent/chromium not found: .* Run \.ci/run \(it installs one\) or "
+            r"`apt-get install -y chromium chromium-driver`")
+    with pytest.raises(pytest.fail.Exception, match=said):
         browser.need_chromium()
     monkeypatch.setenv("MERA_SKIP_BROWSER", "1")
     with pytest.raises(pytest.skip.Exception, match="MERA_SKIP_BROWSER=1"):

@@ -123,12 +123,13 @@ def image_thumbnail(image: np.ndarray) -> Thumbnail:
 
 
 def video_thumbnail(frames: np.ndarray, gap: int = 2) -> Thumbnail:
-    """The frames side by side, ``gap`` white pixels apart, each at most ``THUMB_PX`` high."""
+    """The frames side by side, ``gap`` mid-grey pixels apart (seen on light and dark pages), each at most
+    ``THUMB_PX`` high."""
     fitted = [_fit(f, 4 * THUMB_PX, THUMB_PX) for f in frames]
     down = any(d for _, d in fitted)
     h = max(f.shape[0] for f, _ in fitted)
     w = sum(f.shape[1] for f, _ in fitted) + gap * (len(fitted) - 1)
-    strip = np.full((h, w, 3), 255, dtype=np.uint8)
+    strip = np.full((h, w, 3), 128, dtype=np.uint8)
     x = 0
     for f, _ in fitted:
         strip[: f.shape[0], x : x + f.shape[1]] = f
