@@ -64,6 +64,27 @@ def test_run_directory_and_scores(micro_run):
     assert (out / "figures" / "backward_rg.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+def test_report_html_shows_the_runs_own_predictions(micro_run):
+    """mera run writes report.html next to report.md; its gallery shows the first 3 test items of each
+    task and modality with each method's prediction read from the stage folders."""
+    from html_fixture import Page
+
+    _, _, out = micro_run
+    page = Page((out / "report.html").read_text(encoding="utf-8"))
+    items = [t for t in page.tables if t["class"] == "preds"]
+    assert [t["context"][-1] for t in items] == [f"item-{m}_{t}_test_{k:05d}" for m in ("image", "point")
+                                                 for t in ("caption", "qa") for k in range(3)]
+    lines = (out / "sequential" / "mera-10" / "stage_2_point" / "predictions.jsonl").read_text().splitlines()
+    preds = {(p["modality"], p["id"]): p for p in map(json.loads, lines)}
+    for t in items:
+        sid = t["context"][-1][len("item-"):]
+        p = preds[(sid.split("_")[0], sid)]
+        row = next(r for r in t["rows"] if r[0] == "MERA (10%)")
+        mark = "" if "judgement" not in p else " " + ("\u2713" if p["judgement"] == 1.0 else "\u2717")
+        assert row[-1] == (p["prediction"].strip() or "(empty)") + mark  # the last stage's column
+    assert not [i for i in page.images if not i["src"].startswith("data:image/")]
+
+
 def test_merge_coefficients_and_no_llm_copy(micro_run):
     _, _, out = micro_run
     ft = ckpt.read_manifest(out / "sequential/fine-tuning/stage_2_point")

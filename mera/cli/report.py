@@ -6,13 +6,38 @@ from __future__ import annotations
 def add_parser(subparsers):
     rep = subparsers.add_parser("report", help="tables and figures from one or more scores.csv files")
     rep.add_argument("scores", nargs="+", help="scores files (columns method,order,stage,modality,dataset,task,score)")
-    rep.add_argument("--out", help="folder for report.md, metrics.json and figures/")
+    rep.add_argument("--out", help="folder for report.md, report.html, metrics.json and figures/")
     rep.add_argument("--json", action="store_true", help="print one JSON object instead of Markdown")
+    rep.add_argument("--config-dir", help="the folder that relative data paths of the run's config are relative to "
+                     "(for report.html's gallery; default: guessed as mera export does)")
     rep.set_defaults(func=run)
     return rep
+
+
+def gallery_for(scores: list[str], config_dir: str | None = None):
+    """report.html's gallery when ``scores`` is one run directory's scores.csv; None otherwise (the
+    page then says why it has none)."""
+    from mera.eval.html_report import run_dir_of
+
+    run = run_dir_of(scores)
+    if run is None:
+        return None
+    from mera.config import load_config
+    from mera.continual.gallery import gallery_of_run
+    from mera.continual.run_config import RunConfig
+    from mera.errors import MeraError
+    from mera.eval.gallery import Gallery
+    from mera.interop.export import guess_config_dir
+
+    try:
+        cfg = load_config(run / "config.yaml", [], RunConfig)
+    except MeraError as e:
+        return Gallery(missing=f"no gallery: the run's config cannot be read ({e})")
+    return gallery_of_run(run, cfg, guess_config_dir(cfg, run, config_dir))
 
 
 def run(args) -> int:
     from mera.eval.report import report_command
 
-    return report_command(args.scores, out=args.out, as_json=args.json)
+    return report_command(args.scores, out=args.out, as_json=args.json, html=True,
+                          gallery=lambda: gallery_for(args.scores, args.config_dir))

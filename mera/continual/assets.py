@@ -174,6 +174,14 @@ def _load_data(a: Assets, set_paths: dict) -> None:
     val``) needs them for every branch and never reads the test sets (left empty)."""
     from mera.data.pipeline import load_sets
 
+    a.sets = load_sets(data_paths(a, set_paths), a.cfg.data.max_test)
+
+
+def data_paths(a: Assets, set_paths: dict, write_toy: bool = True) -> dict[str, dict[str, str]]:
+    """The absolute paths of every branch's sets (``set_paths``: the config's ``data.sets``, dumped),
+    the toy world's filled in for the branches it provides (written first unless ``write_toy`` is
+    False: then where it would be, e.g. for a report that must not generate data); sets the toy
+    branches' names in ``a.set_names``."""
     cfg = a.cfg
     on_val = cfg.eval.split == "val"
     if on_val:  # before anything is written or read
@@ -185,12 +193,13 @@ def _load_data(a: Assets, set_paths: dict) -> None:
                                   f"sets ({missing} missing); give them or evaluate on the test sets "
                                   "(eval.split=test)")
     if cfg.data.toy is not None:
-        from mera.data.toy_world import ToyWorldConfig, write_world
+        from mera.data.toy_world import ToyWorldConfig, world_paths, write_world
         from mera.paths import zoo_home
 
         wcfg = validate(cfg.data.toy, ToyWorldConfig, "config section 'data.toy'")
         h = hashlib.sha256(wcfg.model_dump_json().encode()).hexdigest()[:12]
-        paths = write_world(zoo_home(cfg.zoo) / "toy-data" / h, wcfg)
+        folder = zoo_home(cfg.zoo) / "toy-data" / h
+        paths = write_world(folder, wcfg) if write_toy else world_paths(folder)
         for m in cfg.model.branches:
             if m not in set_paths:
                 p = paths[m]
@@ -205,4 +214,4 @@ def _load_data(a: Assets, set_paths: dict) -> None:
                 del p[k]
             else:
                 p[k] = a.resolve(p[k])
-    a.sets = load_sets({m: set_paths[m] for m in cfg.model.branches}, cfg.data.max_test)
+    return {m: set_paths[m] for m in cfg.model.branches}

@@ -321,7 +321,10 @@ class StageLoop:
         eff = self.dir.efficiency()
         write_text(self.out / "efficiency.json", json.dumps(eff, indent=2) + "\n")
         try:
-            write_report([str(scores)], str(self.out), efficiency=eff)
+            from mera.continual.gallery import gallery_or_reason
+
+            gallery = gallery_or_reason(self.out, self.cfg, self.base_assets.sets)
+            write_report([str(scores)], str(self.out), efficiency=eff, gallery=gallery)
         except MeraError as e:  # e.g. an expert scored 0: relative gains are undefined; scores stay
             self.log(f"no report: {e}")
         return scores

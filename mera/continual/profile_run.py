@@ -71,5 +71,7 @@ def profile_run(run_dir: str | Path, rounds: int = 3, config_dir: str | Path | N
                                          "infer_profile": "mera profile, median of %d rounds" % rounds})
     write_text(eff_file, json.dumps(eff, indent=2) + "\n")
     if (run / "scores.csv").is_file():
-        write_report([str(run / "scores.csv")], str(run), efficiency=eff)
+        from mera.continual.gallery import gallery_or_reason
+
+        write_report([str(run / "scores.csv")], str(run), efficiency=eff, gallery=gallery_or_reason(run, cfg, assets.sets))
     return out

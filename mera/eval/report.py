@@ -1,4 +1,4 @@
-"""Reports over scores tables: Markdown tables, metrics.json and PNG figures.
+"""Reports over scores tables: Markdown tables, metrics.json, PNG figures and one HTML page.
 
 ``mera report SCORES.csv [...] [--out DIR] [--json]`` calls :func:`report_command`; the
 run command calls :func:`write_report` at the end of a run. Everything is computed
@@ -9,6 +9,9 @@ seeds or more the main table shows mean +- std over the seeds with a t-interval 
 headline, followed by the paired differences and the verdicts on the paper's orderings
 (:mod:`mera.eval.seeds`); the other tables, the per-stage progression and the heatmaps show
 means over the seeds, and the Backward / Forward RG figures a mean +- std band.
+
+report.html (:mod:`mera.eval.html_report`) holds all of it in one self-contained page, with the
+training loss and a gallery of predictions when the scores come from a run directory.
 """
 
 from __future__ import annotations
@@ -38,6 +41,7 @@ from mera.io import atomic_path, write_json, write_text
 UP = "\u2191"  # ↑ positive backward transfer marker
 DASH = "\u2013"  # – not seen yet / no run
 PM = "\u00b1"  # ±
+HTML_NAME = "report.html"
 
 # ----------------------------------------------------------------------------- helpers
 
@@ -542,7 +546,10 @@ def _read_efficiency(path: Path) -> dict | None:
     return data
 
 
-def _write(out_dir: str | os.PathLike, markdown: str, metrics: dict, figures: dict[str, bytes]) -> list[Path]:
+def _write(out_dir: str | os.PathLike, markdown: str, metrics: dict, figures: dict[str, bytes],
+           page: str | None = None) -> list[Path]:
+    """Write the figures, metrics.json, report.md and (``page`` given) report.html; returns their
+    paths: report.md, metrics.json, then report.html if written, then the figures."""
     out = Path(out_dir)
     written = []
     for name, data in figures.items():
@@ -552,17 +559,30 @@ def _write(out_dir: str | os.PathLike, markdown: str, metrics: dict, figures: di
         written.append(path)
     write_json(out / "metrics.json", metrics)
     write_text(out / "report.md", markdown)
-    return [out / "report.md", out / "metrics.json"] + written
+    if page is not None:
+        write_text(out / HTML_NAME, page)
+    return [out / "report.md", out / "metrics.json"] + ([out / HTML_NAME] if page is not None else []) + written
 
 
-def write_report(rows_or_paths, out_dir: str | os.PathLike, efficiency: dict | None = None) -> dict:
-    """Write ``report.md``, ``metrics.json`` and ``figures/*.png`` under ``out_dir`` (atomically,
-    after everything is computed) and return the metrics object (the content of metrics.json).
+def _page(markdown: str, runs: Sequence[RunMetrics], figures: dict[str, bytes], sources: Sequence[str],
+          gallery) -> str:
+    from mera.eval.html_report import render_html
+
+    return render_html(markdown, runs, figures, sources, gallery)
+
+
+def write_report(rows_or_paths, out_dir: str | os.PathLike, efficiency: dict | None = None, gallery=None) -> dict:
+    """Write ``report.md``, ``report.html``, ``metrics.json`` and ``figures/*.png`` under ``out_dir``
+    (atomically, after everything is computed) and return the metrics object (the content of
+    metrics.json).
 
     ``rows_or_paths``: a list of :class:`ScoreRow`, or one or several scores CSV paths.
+    ``gallery``: the page's :class:`~mera.eval.gallery.Gallery` (collected from the run directory
+    by :mod:`mera.continual.gallery`); None: the page says why it has none.
     """
-    metrics, markdown, runs, _ = _build(rows_or_paths, efficiency)
-    _write(out_dir, markdown, metrics, render_figures(runs))
+    metrics, markdown, runs, sources = _build(rows_or_paths, efficiency)
+    figures = render_figures(runs)
+    _write(out_dir, markdown, metrics, figures, _page(markdown, runs, figures, sources, gallery))
     return metrics
 
 
@@ -575,20 +595,27 @@ def _emit(text: str, stream) -> None:
         stream.flush()
 
 
-def report_command(paths: list[str], out: str | None = None, as_json: bool = False) -> int:
+def report_command(paths: list[str], out: str | None = None, as_json: bool = False, html: bool = False,
+                   gallery=None) -> int:
     """``mera report``: print the Markdown report (or, with ``as_json``, only the metrics JSON),
-    and with ``out`` also write report.md, metrics.json and figures/ there. Returns 0;
-    raises DataError on malformed input (before writing anything)."""
-    metrics, markdown, runs, _ = _build(paths)
+    and with ``out`` also write report.md, metrics.json and figures/ there, and with ``html`` (the
+    command line's choice) report.html too (``gallery``: its gallery, or a function of no argument
+    giving it, called only then). Returns 0; raises DataError on malformed input (before writing
+    anything)."""
+    metrics, markdown, runs, sources = _build(paths)
     written: list[Path] = []
     if out is not None:
-        written = _write(out, markdown, metrics, render_figures(runs))
+        figures = render_figures(runs)
+        page = _page(markdown, runs, figures, sources, gallery() if callable(gallery) else gallery) if html else None
+        written = _write(out, markdown, metrics, figures, page)
     if as_json:
         _emit(json.dumps(metrics, indent=2, allow_nan=False), sys.stdout)
     else:
         _emit(markdown, sys.stdout)
     if written:
-        n_fig = len(written) - 2
+        n_fig = len(written) - (3 if html else 2)
         message = f"wrote {written[0]}, {written[1]} and {n_fig} figures in {Path(out) / 'figures'}"
+        if html:
+            message += f"; the whole report in one page: {written[2]}"
         _emit(message, sys.stderr if as_json else sys.stdout)
     return 0
