@@ -302,6 +302,16 @@ def test_workers_zero(run):
     assert tree(out) == before
 
 
+def test_a_deepspeed_launch_is_refused_before_anything_is_written(run, monkeypatch):
+    cfg, out = run
+    before = tree(out)
+    monkeypatch.setenv("ACCELERATE_USE_DEEPSPEED", "true")  # what accelerate launch sets for a deepspeed config
+    one_line_error(resume(cfg, out), "DeepSpeed", "is not supported", "fsdp.yaml")
+    assert tree(out) == before
+    one_line_error(cli("run", cfg, "--out", out.parent / "fresh", "--quiet"), "DeepSpeed")
+    assert not (out.parent / "fresh").exists()
+
+
 def test_workers_not_an_integer(run):
     cfg, out = run
     before = tree(out)

@@ -59,6 +59,14 @@ class StageLoop:
         self.log = log or (lambda msg: print(msg, flush=True))
         self.main = dist.is_main()  # under a launcher only the main process writes (and logs)
         self.assets = None
+        if os.environ.get("ACCELERATE_USE_DEEPSPEED", "").strip().lower() == "true":
+            # accelerate's DeepSpeed wrapper needs loaders with a batch size (ours, split across the
+            # processes, have a batch sampler), its ZeRO-2 buckets need every process to hold every
+            # modality of a mixed batch (replay, realign), and its optimizer state has no "state"
+            # for our step checkpoints: docs/distributed.md, "DeepSpeed ZeRO-2"
+            raise ConfigError("DeepSpeed (accelerate launch with a deepspeed config) is not supported: mera would "
+                              "train wrong or stop mid-run; use configs/accelerate/fsdp.yaml (sharded training) or "
+                              "ddp.yaml (docs/distributed.md)")
         if dist.world_size() > 1:
             if self.workers > 1:
                 raise ConfigError(f"--workers {self.workers} cannot be combined with a multi-process launch "
