@@ -305,7 +305,7 @@ def train_phase(
     if sharded and extra_loss is not None:
         raise MeraError(f"{desc}: a loss term computed from the parameters (EWC's penalty) cannot run under "
                         "FSDP, where each process holds only a shard of them outside the forward pass; "
-                        "use the DDP or DeepSpeed ZeRO-2 preset for this method")
+                        "use the DDP preset (or torchrun) for this method")
     per_epoch = len(loader)
     total_micro = max(1, int(round(len(loader) * epochs)))
     total_steps = max(1, math.ceil(total_micro / accum))
