@@ -268,7 +268,8 @@ def test_tensorboard_event_files_hold_the_losses(tele_run):
             ls = [l for l in train if l["phase"] == phase]
             ev = ea.Scalars(f"{phase}/loss")
             assert [e.value for e in ev] == pytest.approx([l["loss"] for l in ls], rel=1e-6)  # float32 there
-            assert [e.value for e in ea.Scalars(f"{phase}/grad_norm")] == pytest.approx([l["grad_norm"] for l in ls], rel=1e-6)
+            for key in ("lr", "grad_norm"):
+                assert [e.value for e in ea.Scalars(f"{phase}/{key}")] == pytest.approx([l[key] for l in ls], rel=1e-6)
             # the step axis: the chain's optimizer steps so far
             assert [e.step for e in ev] == [1 + train.index(l) for l in ls]
         for l in (l for l in mine if l["type"] == "eval"):

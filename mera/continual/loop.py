@@ -1,7 +1,8 @@
 """The stage loop: experts, then for every order and method, stage after stage:
 
     train (align, instruct; the method's strategies) -> fold (its merge rule) -> after-stage
-    hooks (realign) -> checkpoint -> evaluate every modality seen so far -> scores.csv
+    hooks (realign) -> checkpoint -> evaluate every modality seen so far -> scores.csv and
+    metrics.jsonl (the stage's training curve and scores: mera.continual.telemetry) -> DONE
 
 Seeds are derived from (run seed, order, stage, phase), never from the method's name or from
 what ran before: a resumed run trains exactly what an uninterrupted one would, and two methods
@@ -34,23 +35,13 @@ from pathlib import Path
 
 from mera import dist
 from mera.continual import checkpoint as ckpt
+from mera.continual import telemetry as tm
 from mera.continual.assets import connector_states, load_assets, seed_for
 from mera.continual.methods import build_method
 from mera.continual.replay import ReplayMemory
 from mera.continual.rundir import RunDir, Unit, slug
 from mera.continual.sharing import StepStore
 from mera.continual.stages import load_stage
-from mera.continual.telemetry import FILE as METRICS
-from mera.continual.telemetry import (
-    StageId,
-    Trackers,
-    check_trackers,
-    eval_lines,
-    read_lines,
-    train_line,
-    train_lines,
-    write_lines,
-)
 from mera.continual.training import make_context, train_stage, trainer_curve
 from mera.errors import ConfigError, MeraError
 from mera.eval.profile import Cost
@@ -70,7 +61,6 @@ class StageLoop:
         self.main = dist.is_main()  # under a launcher only the main process writes (and logs)
         self.events = None  # a worker process's progress events go here (mera.continual.workers)
         self.defer_profile = False  # a worker: the final models are profiled after the pool (workers.py)
-        self.trackers: Trackers | None = None
         self.assets = None
         if dist.world_size() > 1:
             if self.workers > 1:
@@ -87,9 +77,9 @@ class StageLoop:
         self.base_assets = load_assets(self.cfg, self.config_dir, cache_dir=self.dir.features_dir,
                                        progress=self.progress, threads=self.threads)
         self.store = StepStore(self.dir.shared_dir if self.cfg.share else None, writer=self.main)
-        if self.main and self.cfg.train.report_to:
-            check_trackers(self.cfg.train.report_to)
-            self.trackers = Trackers(self.cfg.train.report_to, self.out / "trackers", self.cfg.name)
+        # one tracker run per expert and per chain, opened where it starts (only the main process logs)
+        self.trackers = tm.Trackers(self.cfg.train.report_to if self.main else [], self.out, self.cfg.name)
+        tm.check_trackers(self.trackers.names)
         self._seeds: dict[int, tuple] = {}
         self.use_seed(self.cfg.run_seeds[0])
 
@@ -177,7 +167,7 @@ class StageLoop:
         try:
             self._run_expert(modality, what)
         finally:
-            self._close_trackers()
+            self.trackers.close()
             lock.release()
 
     def _run_expert(self, modality: str, what: str) -> None:
@@ -189,8 +179,8 @@ class StageLoop:
         t0 = time.perf_counter()
         self.log(f"[{self.tag}expert {modality}] training")
         self._event("stage", what=f"expert {modality}")
-        sid = StageId(self.seed, None, "expert", 1, modality)
-        self._open_trackers(folder)
+        sid = tm.StageId(self.seed, None, "expert", 1, modality)
+        self.trackers.open(folder)
         a = self.assets
         model = a.base_model()
         ctx = self._context(model, "-", "expert", 1, modality, [modality], seed_for(self.seed, "expert", modality),
@@ -223,7 +213,7 @@ class StageLoop:
                 return
             self._run_chain(order_name, method, what)
         finally:
-            self._close_trackers()
+            self.trackers.close()
             lock.release()
 
     def _run_chain(self, order_name: str, method, what: str) -> None:
@@ -233,14 +223,14 @@ class StageLoop:
         steps_before = 0  # the chain's train lines in its stages done before (the trackers' step axis)
         for i, m in enumerate(order, 1):
             folder = self.rd.stage_dir(order_name, method, i, m)
-            sid = StageId(self.seed, order_name, method.name, i, m)
+            sid = tm.StageId(self.seed, order_name, method.name, i, m)
             if not redo and self._done(folder, f"{what} stage {i}"):
                 model, prev = None, folder  # loaded lazily if a later stage needs training
-                if self.trackers is not None:
-                    steps_before += sum(line["type"] == "train" for line in read_lines(folder / METRICS))
+                if self.trackers.names:
+                    steps_before += sum(line["type"] == "train" for line in tm.read_lines(folder / tm.FILE))
                 continue
             if not redo:
-                self._open_trackers(folder.parent, steps_before)
+                self.trackers.open(folder.parent, steps_before)
             redo = True  # a stage redone: every later one is built on it again
             if model is None and i > 1:
                 model = load_stage(self.assets, prev)
@@ -288,54 +278,32 @@ class StageLoop:
             prev = folder
 
     # ------------------------------------------------------------------ helpers
-    def _context(self, model, order, method, stage, modality, seen, seed, parent, folder, sid: StageId):
+    def _context(self, model, order, method, stage, modality, seen, seed, parent, folder, sid: tm.StageId):
         return make_context(self.assets, model, order=order, method=method, stage=stage, modality=modality,
                             seen=seen, seed=seed, parent=parent, steps_dir=self.rd.steps_dir(folder),
-                            progress=self.progress, memory=self.memory, listener=self._listener(sid))
+                            progress=self.progress, memory=self.memory,
+                            listener=tm.step_listener(self.trackers, self.events, sid))
 
     def _event(self, kind: str, **info) -> None:
         """A progress event for the main process's display (worker processes only)."""
         if self.events is not None:
             self.events({"kind": kind, **info})
 
-    def _listener(self, sid: StageId):
-        """What hears each optimizer step of a stage (trained or reused): the trackers, the progress
-        display; None when nothing listens."""
-        if self.trackers is None and self.events is None:
-            return None
-
-        def on_step(phase: str, step: dict) -> None:
-            if self.trackers is not None:
-                self.trackers.log(train_line(sid, phase, step))
-            self._event("step", phase=phase, step=step["step"], total=step["total_steps"])
-
-        return on_step
-
-    def _open_trackers(self, folder: Path, steps_before: int = 0) -> None:
-        """One tracker run per expert and per chain (``folder``: the expert's, or the chain's method folder)."""
-        if self.trackers is not None:
-            self.trackers.open(str(folder.relative_to(self.out)), steps_before)
-
-    def _close_trackers(self) -> None:
-        if self.trackers is not None:
-            self.trackers.close()
-
     def _start(self, folder: Path) -> None:
         if self.main:
             self.dir.clean(folder)
 
-    def _finish_stage(self, folder: Path, rows: list[dict], assemble: bool = False, *, sid: StageId,
+    def _finish_stage(self, folder: Path, rows: list[dict], assemble: bool = False, *, sid: tm.StageId,
                       curve: list[dict]) -> None:
         """Rows and the stage's metrics.jsonl (its curve's train lines, then its eval lines), then DONE
         (the stage is complete only now, its metrics recorded with it), then the step checkpoints go."""
         if self.main:
             self.dir.write_rows(folder / "scores.csv", rows)
-            evals = eval_lines(sid, rows)
-            write_lines(folder / METRICS, train_lines(sid, curve) + evals)
+            evals = tm.eval_lines(sid, rows)
+            tm.write_lines(folder / tm.FILE, tm.train_lines(sid, curve) + evals)
             ckpt.mark_done(folder)
-            if self.trackers is not None:
-                for line in evals:
-                    self.trackers.log(line)
+            for line in evals:
+                self.trackers.log(line)
             shutil.rmtree(self.rd.steps_dir(folder), ignore_errors=True)
             if assemble:
                 self.dir.assemble_scores()
@@ -367,62 +335,18 @@ class StageLoop:
         return rows
 
     def profile(self, model, modalities: list[str], folder: Path) -> dict:
-        """Inference cost of a final model (batch 1, 2 prompts per modality from the evaluation sets of
-        ``eval.split``), 3 rounds in a row (median, min, max): ``profile.json``, with whether another
-        process worked in the run directory meanwhile (mera.continual.profile_run)."""
-        from mera.continual.profile_run import ROUNDS, busy, conditions, measure, profile_samples
+        """Inference cost of a final model right after its stage: ``profile.json``
+        (mera.continual.profile_run.profile_model)."""
+        from mera.continual.profile_run import profile_model
 
-        a = self.assets
-        before = busy(self.out)
-        prof = measure({"model": lambda: model}, a.tokenizer, profile_samples(a, modalities, self.cfg.eval.split),
-                       a.provider, self.cfg.eval.max_new_tokens, ROUNDS)["model"]
-        prof.update(conditions(self.out, before, "after the stage"))
-        self._write_profile(folder, prof)
-        return prof
-
-    def _write_profile(self, folder: Path, prof: dict) -> None:
-        write_text(folder / "profile.json", json.dumps(prof, indent=2) + "\n")
-        noisy = "" if prof.get("quiet") is not False else f" (noisy: {', '.join(prof.get('busy', []))} worked meanwhile)"
-        self.log(f"    inference: {prof['ms_per_token']:.2f} ms/token (batch 1, median of {prof['rounds']}: "
-                 f"{prof['ms_per_token_min']:.2f}-{prof['ms_per_token_max']:.2f}), peak {prof['peak_mib']:.0f} MiB "
-                 f"({prof['memory_kind']}), LLM {prof['llm_params_m']:.2f}M parameters{noisy}")
+        return profile_model(self.assets, model, modalities, folder, self.out, self.log)
 
     def profile_finals(self) -> None:
-        """Profile every method's final model (first order, first seed) that is done and has no
-        profile yet (or one marked noisy), here, after all training: with ``--workers`` the workers leave
-        their final models to this (a profile taken while other workers train is noisy), and the
-        main process measures them once the pool has ended, interleaved over the rounds like ``mera
-        profile``."""
-        from mera.continual.profile_run import ROUNDS, busy, conditions, measure, profile_samples
+        """The final models not profiled yet (with --workers: all of them), measured here after all
+        training (mera.continual.profile_run.profile_finals)."""
+        from mera.continual.profile_run import profile_finals
 
-        seed = self.cfg.run_seeds[0]
-        rd = self.dir.for_seed(seed)
-        order = self.cfg.orders[next(iter(self.cfg.orders))]
-        finals = {}
-        for meth in self.cfg.methods:
-            folder = rd.stage_dir(next(iter(self.cfg.orders)), meth, len(order), order[-1])
-            if not ckpt.is_done(folder):
-                continue
-            if (folder / "profile.json").is_file():
-                try:
-                    old = json.loads((folder / "profile.json").read_text(encoding="utf-8"))
-                except (OSError, UnicodeDecodeError, RecursionError, ValueError):
-                    continue  # unreadable: the efficiency table warns and goes without it (mera profile measures it)
-                if not (isinstance(old, dict) and old.get("quiet") is False):
-                    continue
-            finals[meth.name] = folder
-        if not finals:
-            return
-        self.use_seed(seed)
-        a = self.assets
-        self.log(f"profiling the final models of {len(finals)} method(s), {ROUNDS} rounds, with nothing else running")
-        before = busy(self.out)
-        profs = measure({name: (lambda f=f: load_stage(a, f)) for name, f in finals.items()}, a.tokenizer,
-                        profile_samples(a, order, self.cfg.eval.split), a.provider, self.cfg.eval.max_new_tokens, ROUNDS)
-        cond = conditions(self.out, before, "after the workers' pool" if self.workers > 1 else "after the run")
-        for name, prof in profs.items():
-            self.log(f"[{name}]")
-            self._write_profile(finals[name], {**prof, **cond})
+        profile_finals(self)
 
     def finish(self, t0: float) -> Path:
         """scores.csv, efficiency.json and the report (the main process)."""

@@ -118,6 +118,66 @@ def conditions(run: Path, before: list[str] | None, when: str) -> dict:
             "load_avg_1m": round(os.getloadavg()[0], 2) if hasattr(os, "getloadavg") else None}
 
 
+def write_profile(folder: Path, prof: dict, log) -> None:
+    write_text(folder / "profile.json", json.dumps(prof, indent=2) + "\n")
+    noisy = "" if prof.get("quiet") is not False else f" (noisy: {', '.join(prof.get('busy', []))} worked meanwhile)"
+    log(f"    inference: {prof['ms_per_token']:.2f} ms/token (batch 1, median of {prof['rounds']}: "
+        f"{prof['ms_per_token_min']:.2f}-{prof['ms_per_token_max']:.2f}), peak {prof['peak_mib']:.0f} MiB "
+        f"({prof['memory_kind']}), LLM {prof['llm_params_m']:.2f}M parameters{noisy}")
+
+
+def profile_model(assets, model, modalities: list[str], folder: Path, run: Path, log) -> dict:
+    """Inference cost of a final model already loaded (batch 1, the first caption and QA prompt of each
+    modality of ``eval.split``), ``ROUNDS`` rounds in a row: ``folder/profile.json``, with whether
+    another process worked in the run directory meanwhile."""
+    cfg = assets.cfg
+    before = busy(run)
+    prof = measure({"model": lambda: model}, assets.tokenizer, profile_samples(assets, modalities, cfg.eval.split),
+                   assets.provider, cfg.eval.max_new_tokens, ROUNDS)["model"]
+    prof.update(conditions(run, before, "after the stage"))
+    write_profile(folder, prof, log)
+    return prof
+
+
+def profile_finals(loop) -> None:
+    """Profile every method's final model (first order, first seed) of ``loop``'s run that is done
+    and has no profile yet (or one marked noisy), in the calling (main) process after all training:
+    with ``--workers`` the workers leave their final models to this (a profile taken while other
+    workers train is noisy), measured once the pool has ended, interleaved over the rounds like
+    ``mera profile``. An unreadable profile is left for the efficiency table to warn about."""
+    from mera.continual import checkpoint as ckpt
+    from mera.continual.stages import load_stage
+
+    cfg = loop.cfg
+    seed, order_name = cfg.run_seeds[0], next(iter(cfg.orders))
+    rd, order = loop.dir.for_seed(seed), cfg.orders[order_name]
+    finals = {}
+    for meth in cfg.methods:
+        folder = rd.stage_dir(order_name, meth, len(order), order[-1])
+        if not ckpt.is_done(folder):
+            continue
+        if (folder / "profile.json").is_file():
+            try:
+                old = json.loads((folder / "profile.json").read_text(encoding="utf-8"))
+            except (OSError, UnicodeDecodeError, RecursionError, ValueError):
+                continue
+            if not (isinstance(old, dict) and old.get("quiet") is False):
+                continue
+        finals[meth.name] = folder
+    if not finals:
+        return
+    loop.use_seed(seed)
+    a = loop.assets
+    loop.log(f"profiling the final models of {len(finals)} method(s), {ROUNDS} rounds, after all training")
+    before = busy(loop.out)
+    profs = measure({name: (lambda f=f: load_stage(a, f)) for name, f in finals.items()}, a.tokenizer,
+                    profile_samples(a, order, cfg.eval.split), a.provider, cfg.eval.max_new_tokens, ROUNDS)
+    cond = conditions(loop.out, before, "after the workers' pool" if loop.workers > 1 else "after the run")
+    for name, prof in profs.items():
+        loop.log(f"[{name}]")
+        write_profile(finals[name], {**prof, **cond}, loop.log)
+
+
 def profile_run(run_dir: str | Path, rounds: int = 3, config_dir: str | Path | None = None,
                 log=print) -> dict:
     from mera.config import load_config

@@ -134,14 +134,17 @@ class Trackers:
     and the scores ``eval/<modality>/<task>`` share one axis; ``stage`` is logged with them.
     """
 
-    def __init__(self, names: list[str], root: Path, project: str):
-        self.names, self.root, self.project = list(names), Path(root), project
+    def __init__(self, names: list[str], run: Path, project: str):
+        self.names, self.run, self.project = list(names), Path(run), project
         self.active: list = []
         self.step = 0
 
-    def open(self, rel: str, steps_before: int = 0) -> None:
-        """Start the tracker runs of one expert or chain (``rel``: its path under the run directory;
-        ``steps_before``: its train lines already logged by an earlier session)."""
+    def open(self, folder: Path, steps_before: int = 0) -> None:
+        """Start the tracker runs of one expert or chain (``folder``: the expert's folder, or the
+        chain's method folder; ``steps_before``: its train lines already logged by an earlier session).
+        Nothing without trackers."""
+        if not self.names:
+            return
         import torch
         from accelerate import PartialState
         from accelerate.tracking import LOGGER_TYPE_TO_CLASS
@@ -154,7 +157,7 @@ class Trackers:
         for name in self.names:
             cls = LOGGER_TYPE_TO_CLASS[name]
             if cls.requires_logging_directory:
-                t = cls(self.project, str(self.root / rel))
+                t = cls(self.project, str(self.run / "trackers" / Path(folder).relative_to(self.run)))
             else:
                 t = cls(self.project)
             t.main_process_only = False  # only the run's main process logs (see the class docstring)
@@ -179,3 +182,17 @@ class Trackers:
         for t in self.active:
             t.finish()
         self.active = []
+
+
+def step_listener(trackers: Trackers, send, sid: StageId):
+    """What hears each optimizer step of a stage (trained or reused: mera.continual.training.
+    PhaseTrainer): the trackers, and ``send`` (a worker's progress events); None when nothing listens."""
+    if not trackers.names and send is None:
+        return None
+
+    def on_step(phase: str, step: dict) -> None:
+        trackers.log(train_line(sid, phase, step))
+        if send is not None:
+            send({"kind": "step", "phase": phase, "step": step["step"], "total": step["total_steps"]})
+
+    return on_step
