@@ -14,7 +14,7 @@ def add_parser(subparsers):
     r.add_argument("--out", help="run directory (default: runs/<name>)")
     r.add_argument("--resume", action="store_true", help="continue a run directory, skipping finished stages")
     r.add_argument("--dry-run", action="store_true", help="list the experts and (order, method, stage) to train")
-    r.add_argument("--quiet", action="store_true", help="no progress bars")
+    r.add_argument("--quiet", action="store_true", help="no progress bars (nor the live board of --workers)")
     r.add_argument("--workers", type=int, default=1, metavar="N",
                    help="train independent experts and (order, method) chains in N processes on CPU, "
                         "sharing the config's threads (default 1)")
@@ -63,8 +63,9 @@ def run(args) -> int:
         return 0
     from mera.continual.loop import StageLoop
 
+    # on a terminal: progress bars with one process; with --workers, a live board of the workers
     loop = StageLoop(cfg, out, config_dir=Path(args.config).resolve().parent, resume=args.resume,
-                     progress=not args.quiet and sys.stderr.isatty() and args.workers == 1, workers=args.workers)
+                     progress=not args.quiet and sys.stderr.isatty(), workers=args.workers)
     scores = loop.run()
     from mera import dist
 

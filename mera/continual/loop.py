@@ -1,7 +1,8 @@
 """The stage loop: experts, then for every order and method, stage after stage:
 
     train (align, instruct; the method's strategies) -> fold (its merge rule) -> after-stage
-    hooks (realign) -> checkpoint -> evaluate every modality seen so far -> scores.csv
+    hooks (realign) -> checkpoint -> evaluate every modality seen so far -> scores.csv and
+    metrics.jsonl (the stage's training curve and scores: mera.continual.telemetry) -> DONE
 
 Seeds are derived from (run seed, order, stage, phase), never from the method's name or from
 what ran before: a resumed run trains exactly what an uninterrupted one would, and two methods
@@ -34,13 +35,14 @@ from pathlib import Path
 
 from mera import dist
 from mera.continual import checkpoint as ckpt
+from mera.continual import telemetry as tm
 from mera.continual.assets import connector_states, load_assets, seed_for
 from mera.continual.methods import build_method
 from mera.continual.replay import ReplayMemory
 from mera.continual.rundir import RunDir, Unit, slug
 from mera.continual.sharing import StepStore
 from mera.continual.stages import load_stage
-from mera.continual.training import make_context, train_stage
+from mera.continual.training import make_context, train_stage, trainer_curve
 from mera.errors import ConfigError, MeraError
 from mera.eval.profile import Cost
 from mera.io import UnitLock, write_text
@@ -55,9 +57,10 @@ class StageLoop:
         self.config_dir = config_dir or Path.cwd()
         self.resume, self.progress, self.workers = resume, progress, max(1, int(workers))
         self.threads = cfg.threads  # torch threads of this process (a worker process: its share)
-        self.verbose = log is None  # worker processes print their log lines only when this one does
         self.log = log or (lambda msg: print(msg, flush=True))
         self.main = dist.is_main()  # under a launcher only the main process writes (and logs)
+        self.events = None  # a worker process's progress events go here (mera.continual.workers)
+        self.defer_profile = False  # a worker: the final models are profiled after the pool (workers.py)
         self.assets = None
         if os.environ.get("ACCELERATE_USE_DEEPSPEED", "").strip().lower() == "true":
             # accelerate's DeepSpeed wrapper needs loaders with a batch size (ours, split across the
@@ -82,6 +85,9 @@ class StageLoop:
         self.base_assets = load_assets(self.cfg, self.config_dir, cache_dir=self.dir.features_dir,
                                        progress=self.progress, threads=self.threads)
         self.store = StepStore(self.dir.shared_dir if self.cfg.share else None, writer=self.main)
+        # one tracker run per expert and per chain, opened where it starts (only the main process logs)
+        self.trackers = tm.Trackers(self.cfg.train.report_to if self.main else [], self.out, self.cfg.name)
+        tm.check_trackers(self.trackers.names)
         self._seeds: dict[int, tuple] = {}
         self.use_seed(self.cfg.run_seeds[0])
 
@@ -126,6 +132,7 @@ class StageLoop:
 
     def run_unit(self, unit: Unit) -> None:
         self.use_seed(unit.seed if unit.seed is not None else self.cfg.run_seeds[0])
+        self._event("unit", unit=unit.name(self.cfg))
         if unit.kind == "expert":
             self.run_expert(unit.modality)
         else:
@@ -168,6 +175,7 @@ class StageLoop:
         try:
             self._run_expert(modality, what)
         finally:
+            self.trackers.close()
             lock.release()
 
     def _run_expert(self, modality: str, what: str) -> None:
@@ -178,10 +186,13 @@ class StageLoop:
         self._start(folder)
         t0 = time.perf_counter()
         self.log(f"[{self.tag}expert {modality}] training")
+        self._event("stage", what=f"expert {modality}")
+        sid = tm.StageId(self.seed, None, "expert", 1, modality)
+        self.trackers.open(folder)
         a = self.assets
         model = a.base_model()
         ctx = self._context(model, "-", "expert", 1, modality, [modality], seed_for(self.seed, "expert", modality),
-                            None, folder)
+                            None, folder, sid)
         pre = self.cfg.model.branches[modality].pretrained_connector
         with Cost(dist.world_size()) as cost:
             if pre:  # an already trained branch (e.g. an imported LLaVA): nothing to train
@@ -194,7 +205,8 @@ class StageLoop:
             ckpt.save_stage(folder, parent=None, folds=folds, trained=trained, connectors=connector_states(model),
                             info={"kind": "expert", "modality": modality, "log": ctx.log, "cost": cost.info})
         rows = self.evaluate(model, [modality], folder)
-        self._finish_stage(folder, [{"method": "expert", "order": "", "stage": "", **r} for r in rows])
+        self._finish_stage(folder, [{"method": "expert", "order": "", "stage": "", **r} for r in rows],
+                           sid=sid, curve=trainer_curve(ctx) or [])
         self.log(f"[{self.tag}expert {modality}] {time.perf_counter() - t0:.1f}s")
 
     def run_chain(self, order_name: str, method) -> None:
@@ -209,23 +221,32 @@ class StageLoop:
                 return
             self._run_chain(order_name, method, what)
         finally:
+            self.trackers.close()
             lock.release()
 
     def _run_chain(self, order_name: str, method, what: str) -> None:
         order = self.cfg.orders[order_name]
         strategies, merge = build_method(method)
         model, prev, redo = None, None, False
+        steps_before = 0  # the chain's train lines in its stages done before (the trackers' step axis)
         for i, m in enumerate(order, 1):
             folder = self.rd.stage_dir(order_name, method, i, m)
+            sid = tm.StageId(self.seed, order_name, method.name, i, m)
             if not redo and self._done(folder, f"{what} stage {i}"):
                 model, prev = None, folder  # loaded lazily if a later stage needs training
+                if self.trackers.names:
+                    steps_before += sum(line["type"] == "train" for line in tm.read_lines(folder / tm.FILE))
                 continue
+            if not redo:
+                self.trackers.open(folder.parent, steps_before)
             redo = True  # a stage redone: every later one is built on it again
             if model is None and i > 1:
                 model = load_stage(self.assets, prev)
             self._start(folder)
             t0 = time.perf_counter()
             self.log(f"[{self.tag}{order_name} / {method.name}] stage {i} {m}")
+            self._event("stage", what=f"{method.name}: stage {i} {m}")
+            curve = []
             if i == 1:  # stage 1 of every method is the expert of the first modality
                 expert = self.rd.expert_dir(m)
                 if self.main:
@@ -236,7 +257,7 @@ class StageLoop:
                 model = load_stage(self.assets, folder) if len(order) > 1 else None
             else:
                 ctx = self._context(model, order_name, method.name, i, m, order[:i],
-                                    seed_for(self.seed, order_name, i), prev, folder)
+                                    seed_for(self.seed, order_name, i), prev, folder, sid)
                 with Cost(dist.world_size()) as cost:
                     folds, trained = train_stage(self.assets, ctx, strategies, merge, self.store)
                     for s in strategies:
@@ -255,29 +276,42 @@ class StageLoop:
                                           "cost": info,
                                           **({"llm_modules": ctx.llm_modules} if ctx.llm_modules else {})})
                 rows = self.evaluate(model, order[:i], folder)
+                curve = trainer_curve(ctx) or []
                 if (self.main and i == len(order) and order_name == next(iter(self.cfg.orders))
-                        and self.seed == self.cfg.run_seeds[0]):
+                        and self.seed == self.cfg.run_seeds[0] and not self.defer_profile):
                     self.profile(model, order, folder)
             self._finish_stage(folder, [{**r, "method": method.name, "order": order_name, "stage": i} for r in rows],
-                               assemble=True)
+                               assemble=True, sid=sid, curve=curve)
             self.log(f"    stage {i} done in {time.perf_counter() - t0:.1f}s")
             prev = folder
 
     # ------------------------------------------------------------------ helpers
-    def _context(self, model, order, method, stage, modality, seen, seed, parent, folder):
+    def _context(self, model, order, method, stage, modality, seen, seed, parent, folder, sid: tm.StageId):
         return make_context(self.assets, model, order=order, method=method, stage=stage, modality=modality,
                             seen=seen, seed=seed, parent=parent, steps_dir=self.rd.steps_dir(folder),
-                            progress=self.progress, memory=self.memory)
+                            progress=self.progress, memory=self.memory,
+                            listener=tm.step_listener(self.trackers, self.events, sid))
+
+    def _event(self, kind: str, **info) -> None:
+        """A progress event for the main process's display (worker processes only)."""
+        if self.events is not None:
+            self.events({"kind": kind, **info})
 
     def _start(self, folder: Path) -> None:
         if self.main:
             self.dir.clean(folder)
 
-    def _finish_stage(self, folder: Path, rows: list[dict], assemble: bool = False) -> None:
-        """Rows, then DONE (the stage is complete only now), then the step checkpoints go."""
+    def _finish_stage(self, folder: Path, rows: list[dict], assemble: bool = False, *, sid: tm.StageId,
+                      curve: list[dict]) -> None:
+        """Rows and the stage's metrics.jsonl (its curve's train lines, then its eval lines), then DONE
+        (the stage is complete only now, its metrics recorded with it), then the step checkpoints go."""
         if self.main:
             self.dir.write_rows(folder / "scores.csv", rows)
+            evals = tm.eval_lines(sid, rows)
+            tm.write_lines(folder / tm.FILE, tm.train_lines(sid, curve) + evals)
             ckpt.mark_done(folder)
+            for line in evals:
+                self.trackers.log(line)
             shutil.rmtree(self.rd.steps_dir(folder), ignore_errors=True)
             if assemble:
                 self.dir.assemble_scores()
@@ -291,7 +325,8 @@ class StageLoop:
 
         a, rows, preds = self.assets, [], []
         split = self.cfg.eval.split
-        for m in modalities:
+        for k, m in enumerate(modalities, 1):
+            self._event("step", phase=f"eval {m}", step=k, total=len(modalities))
             captions, qa = a.sets[m].evaluation(split)
             names = a.set_names[m] if split == "test" else tuple(f"{n}-{split}" for n in a.set_names[m])
             r, ex = evaluate_modality(model, a.tokenizer, m, captions, qa, a.provider,
@@ -308,24 +343,27 @@ class StageLoop:
         return rows
 
     def profile(self, model, modalities: list[str], folder: Path) -> dict:
-        """Inference cost of a final model (batch 1, 2 prompts per modality from the evaluation sets of
-        ``eval.split``): ``profile.json``."""
-        from mera.eval.profile import profile_inference
+        """Inference cost of a final model right after its stage: ``profile.json``
+        (mera.continual.profile_run.profile_model)."""
+        from mera.continual.profile_run import profile_model
 
-        a = self.assets
-        samples = [s for m in modalities for ss in a.sets[m].evaluation(self.cfg.eval.split) for s in ss[:1]]
-        prof = profile_inference(model, a.tokenizer, samples, a.provider, new_tokens=self.cfg.eval.max_new_tokens)
-        write_text(folder / "profile.json", json.dumps(prof, indent=2) + "\n")
-        self.log(f"    inference: {prof['ms_per_token']:.2f} ms/token (batch 1), peak {prof['peak_mib']:.0f} MiB "
-                 f"({prof['memory_kind']}), LLM {prof['llm_params_m']:.2f}M parameters")
-        return prof
+        return profile_model(self.assets, model, modalities, folder, self.out, self.log)
+
+    def profile_finals(self) -> None:
+        """The final models not profiled yet (with --workers: all of them), measured here after all
+        training (mera.continual.profile_run.profile_finals)."""
+        from mera.continual.profile_run import profile_finals
+
+        profile_finals(self)
 
     def finish(self, t0: float) -> Path:
         """scores.csv, efficiency.json and the report (the main process)."""
         from mera.eval.report import write_report
 
         scores = self.dir.assemble_scores()
+        self.dir.assemble_metrics()
         self.log(f"all stages done in {time.perf_counter() - t0:.1f}s; scores: {scores}")
+        self.profile_finals()
         eff = self.dir.efficiency()
         write_text(self.out / "efficiency.json", json.dumps(eff, indent=2) + "\n")
         try:

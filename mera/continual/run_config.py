@@ -142,6 +142,23 @@ class TrainConfig(StrictModel):
     # <run>/.steps/, so that --resume continues a long phase where it stopped
     checkpoint_every: int = Field(default=0, ge=0)
     num_workers: int = 0
+    # experiment trackers that also receive every line of metrics.jsonl (loss, lr and gradient norm per
+    # optimizer step, the scores per stage), through accelerate's tracker classes: tensorboard (tested,
+    # event files under <run>/trackers/), wandb, mlflow, trackio, ... (passed through, untested); each
+    # needs its package installed (pip install "mera[trackers]" brings tensorboard)
+    report_to: list[str] = Field(default_factory=list)
+
+    @field_validator("report_to")
+    @classmethod
+    def _trackers(cls, v):
+        from accelerate.tracking import LOGGER_TYPE_TO_CLASS
+
+        for name in v:
+            if name not in LOGGER_TYPE_TO_CLASS:
+                raise ValueError(f"unknown tracker {name!r}; accelerate knows: {', '.join(sorted(LOGGER_TYPE_TO_CLASS))}")
+        if len(set(v)) != len(v):
+            raise ValueError("a tracker is listed twice")
+        return v
 
 
 class EvalConfig(StrictModel):

@@ -7,6 +7,9 @@
     <out>/.shared/<key>/                  training steps shared between methods (mera.continual.sharing)
     <out>/.features/                      the encoders' feature cache
     <out>/scores.csv                      every finished stage's rows, in plan order
+    <out>/metrics.jsonl                   every finished stage's training curves and scores, in plan
+                                          order (each stage folder has its own: mera.continual.telemetry)
+    <out>/trackers/                       the event files of train.report_to's local trackers (tensorboard)
     <out>/report.md, metrics.json, efficiency.json, figures/
 
 With several seeds (``seeds: [0, 1, 2]``) the experts and the orders live in ``<out>/seed_<s>/``
@@ -208,7 +211,9 @@ class RunDir:
             if not resume:
                 raise MeraError(f"{self.out}: a run directory is already there; pass --resume to continue it "
                                 "or choose another --out")
-            diff = flat_diff(self._saved_config(cfg_file), yaml.safe_load(text))
+            # where the curves are reported (train.report_to) changes nothing computed: a resume may add
+            # or drop a tracker
+            diff = [k for k in flat_diff(self._saved_config(cfg_file), yaml.safe_load(text)) if k != "train.report_to"]
             if diff:
                 raise ConfigError(f"{cfg_file}: the resumed config differs from the run's in: {', '.join(diff)}")
         elif write:
@@ -266,12 +271,43 @@ class RunDir:
         self.write_rows(path, rows)
         return path
 
+    def assemble_metrics(self) -> Path:
+        """Rebuild ``metrics.jsonl`` from the finished stages' own files (mera.continual.telemetry), in
+        plan order: seed by seed, the experts (each once), then every order, method and stage, like
+        scores.csv (so a resume gives the same file). A stage done before the file existed gives
+        its eval lines, read from its scores.csv, and no train lines."""
+        from mera.continual.telemetry import FILE, StageId, dumps, eval_lines
+
+        parts = []
+
+        def add(folder: Path, sid: StageId) -> None:
+            if not ckpt.is_done(folder):
+                return
+            if (folder / FILE).is_file():
+                parts.append((folder / FILE).read_text(encoding="utf-8"))
+            elif (folder / "scores.csv").is_file():
+                parts.append(dumps(eval_lines(sid, read_rows(folder / "scores.csv"))))
+
+        for rd in self.seed_dirs():
+            for m in self.experts():
+                add(rd.expert_dir(m), StageId(rd.seed, None, "expert", 1, m))
+            for oname, order in self.cfg.orders.items():
+                for meth in self.cfg.methods:
+                    for i, m in enumerate(order, 1):
+                        add(rd.stage_dir(oname, meth, i, m), StageId(rd.seed, oname, meth.name, i, m))
+        path = self.out / FILE
+        write_text(path, "".join(parts))
+        return path
+
     # ------------------------------------------------------------------ costs
     def efficiency(self) -> dict:
         """Per method: training time and peak memory (stages 2..m, averaged over orders and seeds:
         stage 1 is the shared expert; a step reused from another method counts with the time it
         took to train, mera.continual.sharing) and the inference profile of its final model
-        (first order, first seed)."""
+        (first order, first seed: the median of its rounds, their min and max, and whether it was
+        measured with nothing else working in the run directory; mera.continual.profile_run)."""
+        from mera.continual.profile_run import efficiency_fields
+
         out = {}
         first = next(iter(self.cfg.orders))
         for meth in self.cfg.methods:
@@ -297,9 +333,7 @@ class RunDir:
             if prof_file.is_file():
                 try:
                     prof = json.loads(prof_file.read_text(encoding="utf-8"))
-                    entry.update({"infer_ms_per_token": float(prof["ms_per_token"]),
-                                  "infer_peak_mib": float(prof["peak_mib"]), "llm_params_m": float(prof["llm_params_m"]),
-                                  "memory_kind": str(prof["memory_kind"])})
+                    entry.update(efficiency_fields(prof))
                 except (OSError, UnicodeDecodeError, RecursionError, ValueError, KeyError, TypeError) as e:
                     # a measurement, not a result: the table goes without it (mera profile measures it again)
                     print(f"warning: {prof_file}: unreadable inference profile ({type(e).__name__}); the efficiency "

@@ -24,7 +24,7 @@ PathWeave with and without realign likewise. Replay + Realign differs from Repla
 
 The store is ``<run>/.shared/<key>/``: a stage-like checkpoint of the step's result (the folds the
 step made itself, the trained delta before the merge, the connectors it changed, the strategies'
-state and modules, its log and time) plus DONE, written under a temporary name and renamed: two
+state and modules, its log, its training curve and time) plus DONE, written under a temporary name and renamed: two
 workers that train the same step at once both finish, and the first rename wins; ``--resume``
 finds only complete entries. A reused step is logged in the stage's manifest (``shared``) and its
 training time counts in the efficiency table as if trained. ``share: false`` turns it off; the
@@ -52,6 +52,12 @@ def connector_digest(model, modality: str) -> str:
     return ckpt.tensor_digest(model.branches[modality].connector.state_dict())
 
 
+def _recipe(assets) -> dict:
+    """The training recipe of a key: ``train`` without ``report_to`` (where the curves are sent
+    changes nothing trained; keys stay those of runs written before the option existed)."""
+    return assets.cfg.train.model_dump(mode="json", exclude={"report_to"})
+
+
 def step_key(assets, ctx, strategies: list) -> str | None:
     """The content key of the step ``ctx`` is about to train (None: its parent has no state key,
     a stage written before keys existed, so nothing is shared)."""
@@ -68,7 +74,7 @@ def step_key(assets, ctx, strategies: list) -> str | None:
         "v": KEY_VERSION, "parent": parent, "run_seed": assets.cfg.seed, "seed": ctx.seed, "stage": ctx.stage,
         "modality": ctx.modality, "seen": list(ctx.seen), "strategies": sigs,
         "connectors": {m: connector_digest(ctx.model, m) for m in sorted(reads)},
-        "model": assets.cfg.model.model_dump(mode="json"), "train": assets.cfg.train.model_dump(mode="json"),
+        "model": assets.cfg.model.model_dump(mode="json"), "train": _recipe(assets),
     }
     return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()
 
@@ -81,7 +87,7 @@ def align_key(assets, ctx) -> str | None:
         return None
     payload = {"v": KEY_VERSION, "step": "align", "parent": parent, "run_seed": assets.cfg.seed, "seed": ctx.seed,
                "stage": ctx.stage, "modality": ctx.modality, "seen": list(ctx.seen),
-               "model": assets.cfg.model.model_dump(mode="json"), "train": assets.cfg.train.model_dump(mode="json")}
+               "model": assets.cfg.model.model_dump(mode="json"), "train": _recipe(assets)}
     return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()
 
 
@@ -110,9 +116,11 @@ class StepStore:
         return folder if ckpt.is_done(folder) else None
 
     def put(self, key: str | None, result: StepResult, ctx, changed: dict, by: str, log: dict | None = None,
-            tensors: dict | None = None) -> None:
+            tensors: dict | None = None, curve: list[dict] | None = None) -> None:
         """Record ``result`` (``changed``: the connectors the step changed, modality -> state; ``log``
-        and ``tensors``: ctx's unless given)."""
+        and ``tensors``: ctx's unless given; ``curve``: the step's phases, their losses, learning rates
+        and gradient norms per optimizer step, so that a stage reusing it logs what it would have
+        trained: mera.continual.telemetry)."""
         if self.root is None or key is None or not self.writer or self.get(key) is not None:
             return
         tmp = self.root / f".tmp-{uuid.uuid4().hex[:12]}"
@@ -122,7 +130,8 @@ class StepStore:
                             info={"kind": "step", "what": "align" if log is not None else "step", "key": key,
                                   "own": result.own, "by": by,
                                   "log": ctx.log if log is None else log,
-                                  "seconds": round(result.seconds, 3), "llm_modules": ctx.llm_modules})
+                                  "seconds": round(result.seconds, 3), "llm_modules": ctx.llm_modules,
+                                  **({"curve": curve} if curve is not None else {})})
             ckpt.mark_done(tmp)
             try:
                 os.rename(tmp, self.root / key)

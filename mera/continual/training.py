@@ -39,7 +39,7 @@ def phase_log(res: PhaseResult) -> dict:
 
 
 def run_phase(assets: Assets, model, groups: list[dict], samples, phase: str, seed: int, desc: str, *,
-              steps_dir: Path | None = None, extra_loss=None, progress: bool = False) -> PhaseResult:
+              steps_dir: Path | None = None, extra_loss=None, progress: bool = False, on_step=None) -> PhaseResult:
     """Train the parameters of ``groups`` (``{"params", "lr"}``) on ``samples`` with ``train.<phase>``."""
     tc = assets.cfg.train
     pc = getattr(tc, phase)
@@ -60,7 +60,7 @@ def run_phase(assets: Assets, model, groups: list[dict], samples, phase: str, se
                           batch_size=pc.batch_size, micro_batch_size=pc.micro_batch_size, epochs=pc.epochs,
                           warmup_ratio=pc.warmup_ratio, weight_decay=pc.weight_decay,
                           max_grad_norm=pc.max_grad_norm, seed=seed, extra_loss=extra_loss, desc=desc,
-                          progress=progress, checkpoint=ck, num_workers=tc.num_workers)
+                          progress=progress, checkpoint=ck, num_workers=tc.num_workers, on_step=on_step)
     finally:
         if gc:
             model.llm.gradient_checkpointing_disable()
@@ -69,16 +69,57 @@ def run_phase(assets: Assets, model, groups: list[dict], samples, phase: str, se
     return res
 
 
+def curve_entry(phase: str, res: PhaseResult) -> dict:
+    """A trained phase's record in a stage's curve: its losses, learning rates and gradient norms,
+    one per optimizer step (mera.continual.telemetry turns them into metrics.jsonl lines)."""
+    return {"phase": phase, "losses": list(res.losses), "lrs": list(res.lrs), "grad_norms": list(res.grad_norms)}
+
+
+class PhaseTrainer:
+    """``ctx.train``: trains one phase with the recipe of ``train.<phase>`` (:func:`run_phase`) and
+    keeps the stage's curve, every phase in the order trained (``curve``; a reused step adds the
+    curve it was stored with: :meth:`add`). ``listener(phase, step)`` hears each optimizer step
+    (``step``: the dict of :func:`mera.train.loop.train_phase`'s ``on_step``), trained or reused."""
+
+    def __init__(self, assets: Assets, model, *, seed: int, desc: str, steps_dir: Path | None, progress: bool,
+                 listener=None):
+        self.assets, self.model, self.seed, self.desc = assets, model, seed, desc
+        self.steps_dir, self.progress, self.listener = steps_dir, progress, listener
+        self.curve: list[dict] = []
+
+    def __call__(self, params, samples, phase: str, extra_loss=None) -> PhaseResult:
+        if params and not isinstance(params[0], dict):  # a plain parameter list: the phase's connector lr
+            params = [{"params": list(params), "lr": getattr(self.assets.cfg.train, phase).lr_connector}]
+        on_step = (lambda step: self.listener(phase, step)) if self.listener is not None else None
+        res = run_phase(self.assets, self.model, params, samples, phase, seed_for(self.seed, phase),
+                        f"{self.desc} {phase}", steps_dir=self.steps_dir, extra_loss=extra_loss,
+                        progress=self.progress, on_step=on_step)
+        self.curve.append(curve_entry(phase, res))
+        return res
+
+    def add(self, curve: list[dict]) -> None:
+        """The curve of a reused step (as stored with it), as if its phases were trained here."""
+        for entry in curve:
+            self.curve.append(entry)
+            if self.listener is not None:
+                n = len(entry["losses"])
+                for k in range(n):
+                    self.listener(entry["phase"], {"step": k + 1, "total_steps": n, "loss": entry["losses"][k],
+                                                   "lr": entry["lrs"][k], "grad_norm": entry["grad_norms"][k]})
+
+
+def trainer_curve(ctx: StageContext) -> list[dict] | None:
+    """The curve ``ctx.train`` kept so far (None: a context whose ``train`` keeps none)."""
+    curve = getattr(ctx.train, "curve", None)
+    return list(curve) if curve is not None else None
+
+
 def make_context(assets: Assets, model, *, order: str, method: str, stage: int, modality: str, seen: list[str],
                  seed: int, parent: Path | None, steps_dir: Path | None, progress: bool,
-                 memory: ReplayMemory | None = None) -> StageContext:
+                 memory: ReplayMemory | None = None, listener=None) -> StageContext:
     """The narrow view a stage's strategies get (model, data, a phase trainer, the parent chain)."""
-    def train(params, samples, phase: str, extra_loss=None) -> PhaseResult:
-        if params and not isinstance(params[0], dict):  # a plain parameter list: the phase's connector lr
-            params = [{"params": list(params), "lr": getattr(assets.cfg.train, phase).lr_connector}]
-        return run_phase(assets, model, params, samples, phase, seed_for(seed, phase),
-                         f"{method} s{stage} {modality} {phase}", steps_dir=steps_dir, extra_loss=extra_loss,
-                         progress=progress)
+    train = PhaseTrainer(assets, model, seed=seed, desc=f"{method} s{stage} {modality}", steps_dir=steps_dir,
+                         progress=progress, listener=listener)
 
     def batch(samples):
         return MultimodalCollator(assets.tokenizer, model, train=True)([assets.provider.item(s) for s in samples])
@@ -124,7 +165,8 @@ def train_stage(assets: Assets, ctx: StageContext, strategies: list, merge,
         if key and store is not None:
             changed = {m: {k: v.detach().clone() for k, v in b.connector.state_dict().items()}
                        for m, b in ctx.model.branches.items() if before.get(m) != connector_digest(ctx.model, m)}
-            store.put(key, result, ctx, changed, by=f"{ctx.order} / {ctx.method} / stage {ctx.stage}")
+            store.put(key, result, ctx, changed, by=f"{ctx.order} / {ctx.method} / stage {ctx.stage}",
+                      curve=trainer_curve(ctx))
     if result.own:
         return list(result.pre_folds), None
     new = result.trained
@@ -151,10 +193,19 @@ def _reuse(assets: Assets, ctx: StageContext, strategies: list, folder, loaded) 
     ctx.tensors.update(tensors)
     ctx.llm_modules = m.get("llm_modules")
     ctx.log.update(m["log"])
+    _add_curve(ctx, m)
     for s in strategies:
         s.restore(ctx)
     ctx.log["shared"] = {"key": folder.name, "trained_by": m.get("by"), "seconds": result.seconds}
     return result
+
+
+def _add_curve(ctx: StageContext, manifest: dict) -> None:
+    """Give ``ctx.train`` the curve a reused step was stored with (a step stored by an earlier
+    release has none: the stage's metrics then lack those phases' lines)."""
+    curve = manifest.get("curve")
+    if isinstance(curve, list) and hasattr(ctx.train, "add"):
+        ctx.train.add(curve)
 
 
 def _train_step(assets: Assets, ctx: StageContext, strategies: list, store: StepStore | None = None) -> StepResult:
@@ -197,6 +248,7 @@ def _align(assets: Assets, ctx: StageContext, conn, store: StepStore | None) -> 
             print(f"warning: {found}: {e}; step A is trained again", file=sys.stderr, flush=True)
         else:
             ctx.log["align"] = m["log"]["align"]
+            _add_curve(ctx, m)
             ctx.log["align_shared"] = {"key": found.name, "trained_by": m.get("by"), "seconds": _result.seconds}
             return
     t0 = time.perf_counter()
@@ -206,7 +258,7 @@ def _align(assets: Assets, ctx: StageContext, conn, store: StepStore | None) -> 
         state = {k: v.detach().clone() for k, v in ctx.model.branches[ctx.modality].connector.state_dict().items()}
         store.put(key, StepResult(own=False, seconds=time.perf_counter() - t0), ctx, {ctx.modality: state},
                   by=f"{ctx.order} / {ctx.method} / stage {ctx.stage} (step A)", log={"align": ctx.log["align"]},
-                  tensors={})
+                  tensors={}, curve=[curve_entry("align", res)])
 
 
 def _instruct(assets: Assets, ctx: StageContext, strategies: list, conn, llm_params) -> None:

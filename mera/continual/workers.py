@@ -2,7 +2,9 @@
 spawned processes, each with its share of the config's CPU threads.
 
 Each unit writes only its own folders (DONE last), so the run directory stays valid whatever
-finishes first; the first failure stops the pool and is raised in the parent.
+finishes first; the first failure stops the pool and is raised in the parent. The workers' log
+lines and progress go to the parent through a queue (mera.continual.progress), and the parent
+profiles the final models once the pool has ended (a profile taken while others train is noisy).
 """
 
 from __future__ import annotations
@@ -16,11 +18,19 @@ _LOOP = None  # this worker process's StageLoop (set up once: tokenizer, encoder
 def run_parallel(loop, phases: list[list]) -> None:
     """Run each list of units of ``phases`` in a pool of ``loop.workers`` processes, one list after
     the other (a list starts when the one before is done: the experts, then the chains built on
-    them); the pool's processes, their loaded assets and feature caches serve every list."""
+    them); the pool's processes, their loaded assets and feature caches serve every list.
+
+    The workers send their progress and log lines to this process through a queue
+    (mera.continual.progress): on a terminal (``loop.progress``) a live board, one line per worker
+    and an overall line; else the log lines and, at each unit's end, the overall line. They leave
+    the final models' inference profiles to this process, after the pool
+    (``StageLoop.profile_finals``)."""
     import concurrent.futures
     import multiprocessing
 
     import torch
+
+    from mera.continual.progress import Board, LiveDisplay, PlainDisplay, drain
 
     todos = []
     for units in phases:
@@ -37,14 +47,23 @@ def run_parallel(loop, phases: list[list]) -> None:
     # when a failure stops the workers, multiprocessing's resource tracker (its own process,
     # which reads PYTHONWARNINGS) would warn about the pool's semaphores: not the user's concern
     os.environ.setdefault("PYTHONWARNINGS", "ignore:resource_tracker:UserWarning")
-    with concurrent.futures.ProcessPoolExecutor(n, mp_context=ctx, initializer=_worker_init,
-                                                initargs=(loop.cfg, str(loop.out), str(loop.config_dir),
-                                                          threads, loop.verbose)) as pool:
+    events = ctx.Queue()
+    board = Board({u.name(loop.cfg): _weight(loop.cfg, u) for todo in todos for u in todo})
+    display = LiveDisplay(board, loop.log) if loop.progress else PlainDisplay(board, loop.log)
+    with display, concurrent.futures.ProcessPoolExecutor(
+            n, mp_context=ctx, initializer=_worker_init,
+            initargs=(loop.cfg, str(loop.out), str(loop.config_dir), threads, events)) as pool:
         for todo in todos:
             futures = {pool.submit(_worker_run, u): u for u in todo}
+            pending = set(futures)
             try:
-                for f in concurrent.futures.as_completed(futures):
-                    f.result()
+                while pending:
+                    done, pending = concurrent.futures.wait(pending, timeout=0.25,
+                                                            return_when=concurrent.futures.FIRST_COMPLETED)
+                    drain(events, display)
+                    for f in done:
+                        f.result()
+                        display.unit_done(futures[f].name(loop.cfg))
             except BaseException:
                 # stop at once: the other workers' unfinished stages have no DONE and are redone
                 # by --resume (every file is written atomically, so killing them loses nothing
@@ -52,10 +71,19 @@ def run_parallel(loop, phases: list[list]) -> None:
                 for proc in list(getattr(pool, "_processes", {}).values()):
                     proc.terminate()
                 pool.shutdown(wait=True, cancel_futures=True)
+                drain(events, display)
                 raise
+        drain(events, display)
 
 
-def _worker_init(cfg, out: str, config_dir: str, threads: int, verbose: bool) -> None:
+def _weight(cfg, unit) -> float:
+    """A unit's stages to train (an expert: 1; a chain: its methods' stages after the first): the ETA's guess of its cost."""
+    if unit.kind == "expert":
+        return 1.0
+    return float(max(1, len(unit.methods) * (len(cfg.orders[unit.order]) - 1)))
+
+
+def _worker_init(cfg, out: str, config_dir: str, threads: int, events) -> None:
     global _LOOP
     import warnings
 
@@ -63,16 +91,24 @@ def _worker_init(cfg, out: str, config_dir: str, threads: int, verbose: bool) ->
 
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     warnings.filterwarnings("ignore", category=FutureWarning)
+    pid = os.getpid()
+
+    def send(ev: dict) -> None:
+        events.put({**ev, "worker": pid})
+
+    # the log lines go to the main process too, which prints them (or not: its own log decides)
     loop = StageLoop(cfg, out, config_dir=Path(config_dir), resume=True, progress=False,
-                     log=None if verbose else (lambda msg: None))
+                     log=lambda msg: send({"kind": "log", "msg": msg}))
     loop.threads = threads
+    loop.events = send
+    loop.defer_profile = True  # measured by the main process once the pool has ended
     loop.setup()
     _LOOP = loop
 
 
 def _worker_run(unit) -> None:
     loop = _LOOP
-    if loop.verbose:  # lines of parallel units interleave: tag the indented ones with their unit
-        tag = f"[{unit.name(loop.cfg)}]"
-        loop.log = lambda msg: print(f"{tag}{msg}" if msg.startswith(" ") else msg, flush=True)
+    tag = f"[{unit.name(loop.cfg)}]"  # lines of parallel units interleave: tag the indented ones with their unit
+    send = loop.events
+    loop.log = lambda msg: send({"kind": "log", "msg": f"{tag}{msg}" if msg.startswith(" ") else msg})
     loop.run_unit(unit)

@@ -208,7 +208,7 @@ def _extra_tables(runs: Sequence[RunMetrics], efficiency: dict | None, headline:
                 continue
             num = lambda k, f: DASH if e.get(k) is None else format(e[k], f)  # noqa: E731, B023 (used in this iteration)
             lines.append(f"| {_cell(m)} | {num('train_seconds', '.1f')} | {num('train_peak_mib', '.0f')} | "
-                         f"{num('infer_ms_per_token', '.2f')} | {num('infer_peak_mib', '.0f')} | "
+                         f"{_latency(e)} | {num('infer_peak_mib', '.0f')} | "
                          f"{num('llm_params_m', '.3f')} |")
         lines += ["", "Training: stages 2..m (stage 1 is the shared expert), summed per order and averaged over "
                   "the orders; peak memory is the largest over those stages. Inference: the final model of "
@@ -216,8 +216,39 @@ def _extra_tables(runs: Sequence[RunMetrics], efficiency: dict | None, headline:
                   "On a CPU the memory figures are the whole process's resident set, so only their "
                   "differences between methods mean something."
                   + ("" if n_seeds < 2 else " With several seeds, the training time is averaged over the seeds too, "
-                     "the peak is the largest of all seeds, and inference is profiled on the first seed's model."), ""]
+                     "the peak is the largest of all seeds, and inference is profiled on the first seed's model.")
+                  + _latency_note([efficiency[m] for m in methods if efficiency.get(m)]), ""]
     return lines
+
+
+def _latency(e: dict) -> str:
+    """The inference ms / token cell: the median, with the min-max of its rounds when there were
+    several, and "noisy" when other work ran in the run directory while it was measured."""
+    if e.get("infer_ms_per_token") is None:
+        return DASH
+    cell = format(e["infer_ms_per_token"], ".2f")
+    if (e.get("infer_rounds") or 1) > 1 and e.get("infer_ms_per_token_min") is not None \
+            and e.get("infer_ms_per_token_max") is not None:
+        cell += f" ({e['infer_ms_per_token_min']:.2f}\u2013{e['infer_ms_per_token_max']:.2f})"
+    if e.get("infer_quiet") is False:
+        cell += " noisy"
+    return cell
+
+
+def _latency_note(entries: list[dict]) -> str:
+    """What the latency cells' additions mean (nothing when no entry has them: a run profiled before
+    the rounds were recorded renders as it did)."""
+    note = ""
+    rounds = sorted({e["infer_rounds"] for e in entries if (e.get("infer_rounds") or 1) > 1
+                     and e.get("infer_ms_per_token_min") is not None})
+    if rounds:
+        note += (f" Inference ms / token is the median of {'/'.join(map(str, rounds))} rounds, (min\u2013max) in "
+                 "brackets, measured with no other process working in the run directory (with --workers, after "
+                 "the pool of workers has ended).")
+    if any(e.get("infer_quiet") is False for e in entries):
+        note += (" \"noisy\": another process worked in the run directory while it was measured (mera profile "
+                 "RUN_DIR measures it again, quietly).")
+    return note
 
 
 def render_markdown(runs: Sequence[RunMetrics], sources: Sequence[str] = (), efficiency: dict | None = None,

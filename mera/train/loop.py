@@ -2,7 +2,9 @@
 
 Readable in one sitting: seeded data order, AdamW with per-group learning rates, cosine
 schedule with linear warmup, gradient accumulation to reach the effective batch size,
-gradient clipping, an optional extra loss term (a strategy's penalty), a progress bar.
+gradient clipping, an optional extra loss term (a strategy's penalty), a progress bar, and a
+record of each optimizer step (loss, learning rate, gradient norm: ``PhaseResult`` and the
+``on_step`` callback) that reads the training state without changing it.
 
 Several processes (``torchrun`` / ``accelerate launch``, see docs/distributed.md) train one
 phase together and take the same optimizer steps as one process would:
@@ -51,8 +53,8 @@ class StepCheckpoint:
     Saved every ``every`` optimizer steps and once more when the phase completes: the
     trainable parameters, the AdamW state, the scheduler, torch's RNG, the data order (the
     shuffling generator's state at the start of the current epoch and the position in it)
-    and the losses so far. A phase started with a checkpoint present continues from it (a
-    completed one is not trained again), giving the same parameters as an uninterrupted run.
+    and the losses, learning rates and gradient norms so far. A phase started with a checkpoint
+    present continues from it (a completed one is not trained again), giving the same parameters as an uninterrupted run.
     """
 
     path: Path
@@ -139,6 +141,12 @@ def _load_state(ck: StepCheckpoint, params, optimizer, scheduler, fsdp=None) -> 
     return state, tensors["rng.epoch"]
 
 
+def _state(result: PhaseResult, done_micro: int, epoch_start: int, complete: bool) -> dict:
+    """The JSON part of a step checkpoint: where the phase is and its record so far."""
+    return {"done_micro": done_micro, "epoch_start": epoch_start, "losses": result.losses, "steps": result.steps,
+            "lrs": result.lrs, "grad_norms": result.grad_norms, "complete": complete}
+
+
 class _SplitBatches:
     """The micro-batches of ``batch_sampler``, each laid out for accelerate's ``split_batches``
     over ``world`` processes: ``world`` contiguous pieces of ``per`` indices, the real samples
@@ -216,6 +224,16 @@ class PhaseResult:
     losses: list[float] = field(default_factory=list)  # one per optimizer step (mean over micro-batches)
     steps: int = 0
     seconds: float = 0.0
+    # per optimizer step too: the learning rate it stepped with (the first parameter group's) and
+    # the gradient norm before clipping (None: the phase ended inside an accumulation window, whose
+    # gradient is never applied, or a checkpoint of an earlier release did not record it)
+    lrs: list[float | None] = field(default_factory=list)
+    grad_norms: list[float | None] = field(default_factory=list)
+
+
+def _grad_norm(params) -> torch.Tensor:
+    """The total 2-norm of the gradients of ``params``, read only (what clip_grad_norm_ computes first)."""
+    return torch.nn.utils.get_total_norm([p.grad for p in params if p.grad is not None])
 
 
 def train_phase(
@@ -237,6 +255,7 @@ def train_phase(
     accelerator: Accelerator | None = None,
     checkpoint: StepCheckpoint | None = None,
     num_workers: int = 0,
+    on_step: Callable[[dict], None] | None = None,
 ) -> PhaseResult:
     """Train the parameters of ``param_groups`` (each ``{"params": [...], "lr": float}``) on ``dataset``.
 
@@ -245,6 +264,11 @@ def train_phase(
     each micro-batch is split across them (see the module's docstring): the optimizer steps,
     the losses and the step checkpoints (saved by the main process) are those of one process,
     up to floating-point rounding.
+
+    ``on_step`` (main process only) is called after each optimizer step with ``{"step",
+    "total_steps", "loss", "lr", "grad_norm"}`` (the step's entries of the result); the values are
+    read from the training state (the norm is the one clipping computes, or the same norm computed
+    without touching the gradients when clipping is off), so logging changes no number.
     """
     import time
 
@@ -322,6 +346,9 @@ def train_phase(
             state, epoch_gen = loaded
             done_micro, epoch_start = state["done_micro"], state["epoch_start"]
             result.losses, result.steps = list(state["losses"]), state["steps"]
+            # a checkpoint of an earlier release has no learning rates or norms: unknown (None)
+            result.lrs = list(state.get("lrs") or [None] * len(result.losses))
+            result.grad_norms = list(state.get("grad_norms") or [None] * len(result.losses))
             skip = done_micro - epoch_start
             gen.set_state(epoch_gen)
         if world > 1:  # everyone has read the checkpoint before the main process writes it again
@@ -366,45 +393,57 @@ def train_phase(
                     raise MeraError(f"{desc}: the training loss is {shown.detach().float().item()} at step "
                                     f"{result.steps + 1} of {total_steps} (micro-batch {done_micro + 1}); training "
                                     f"stopped before that step (lower {knob}, or check the data)")
+                # the record of the step: the learning rate it steps with and the gradient norm
+                # before clipping (clip_grad_norm_ returns it; without clipping the same norm is
+                # computed from the gradients, read only), taken before the step changes them
+                norm = None
                 if manual:
                     (loss / accum).backward()
                     if sync:
-                        if max_grad_norm and sharded:  # the norm over every process's shard
-                            model.clip_grad_norm_(max_grad_norm)
-                        elif max_grad_norm:
-                            torch.nn.utils.clip_grad_norm_(params, max_grad_norm)
+                        lr = optimizer.param_groups[0]["lr"]
+                        if sharded:  # the norm over every process's shard (max_norm inf: nothing clipped)
+                            norm = model.clip_grad_norm_(max_grad_norm or float("inf"))
+                        else:
+                            norm = (torch.nn.utils.clip_grad_norm_(params, max_grad_norm) if max_grad_norm
+                                    else _grad_norm(params))
                         optimizer.step()
                         scheduler.step()
                         optimizer.zero_grad(set_to_none=True)
                 else:
                     acc.backward(loss)
-                    if acc.sync_gradients and max_grad_norm:
-                        acc.clip_grad_norm_(params, max_grad_norm)
+                    if acc.sync_gradients:
+                        lr = optimizer.param_groups[0]["lr"]
+                        norm = acc.clip_grad_norm_(params, max_grad_norm) if max_grad_norm else _grad_norm(params)
                     optimizer.step()
                     scheduler.step()
                     optimizer.zero_grad(set_to_none=True)
                     sync = acc.sync_gradients
+                if not sync:  # inside a window (or the phase's last, unfinished one): the lr it would step with
+                    lr = optimizer.param_groups[0]["lr"]
             window.append(shown.detach().float().item())
             done_micro += 1
             if sync or done_micro == total_micro:
                 result.losses.append(sum(window) / len(window))
+                result.lrs.append(float(lr))
+                result.grad_norms.append(None if norm is None else float(norm))
                 window = []
                 result.steps += 1
                 bar.update(1)
                 bar.set_postfix(loss=f"{result.losses[-1]:.3f}")
+                if on_step is not None and acc.is_main_process:
+                    on_step({"step": result.steps, "total_steps": total_steps, "loss": result.losses[-1],
+                             "lr": result.lrs[-1], "grad_norm": result.grad_norms[-1]})
                 if (checkpoint is not None and checkpoint.every and result.steps % checkpoint.every == 0
                         and done_micro < total_micro):
                     _save_state(checkpoint, params, optimizer, scheduler, epoch_gen,
-                                {"done_micro": done_micro, "epoch_start": epoch_start, "losses": result.losses,
-                                 "steps": result.steps, "complete": False},
+                                _state(result, done_micro, epoch_start, False),
                                 main=acc.is_main_process, fsdp=model if sharded else None)
                 fault_point("train_step")
             if done_micro >= total_micro:
                 break
     if checkpoint is not None:
         _save_state(checkpoint, params, optimizer, scheduler, epoch_gen,
-                    {"done_micro": done_micro, "epoch_start": epoch_start, "losses": result.losses,
-                     "steps": result.steps, "complete": True},
+                    _state(result, done_micro, epoch_start, True),
                     main=acc.is_main_process, fsdp=model if sharded else None)
     bar.close()
     if sharded:  # whole weights again in every process, in the model's own parameters
