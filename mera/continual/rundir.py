@@ -209,6 +209,8 @@ class RunDir:
                 raise MeraError(f"{self.out}: a run directory is already there; pass --resume to continue it "
                                 "or choose another --out")
             diff = flat_diff(self._saved_config(cfg_file), yaml.safe_load(text))
+            # the launcher section says where jobs run, not what they compute: a resume may change it
+            diff = [k for k in diff if k != "launcher" and not k.startswith("launcher.")]
             if diff:
                 raise ConfigError(f"{cfg_file}: the resumed config differs from the run's in: {', '.join(diff)}")
         elif write:
