@@ -269,3 +269,24 @@ def test_a_failing_job_is_named_with_its_log_and_its_chains_are_not_started(refe
     assert "the training loss is nan" in line and "_0_log.err)" in line
     assert "not submitted: sequential / Fine-Tuning: the job of its expert failed" in line
     assert not list(out.rglob("DONE"))
+
+
+@pytest.mark.slow
+def test_the_detach_job_writes_the_scores_and_the_report(reference, tmp_path):
+    """--detach's last job (run here in-process): the scores, efficiency table and report of a finished
+    run directory, as `mera run` writes them."""
+    import time
+
+    from mera.continual.launch import FinishJob
+
+    path, one = reference
+    copy = tmp_path / "copy"
+    shutil.copytree(one, copy)
+    for name in ("scores.csv", "report.md", "efficiency.json"):
+        (copy / name).unlink()
+    cfg = load_config(path, [], RunConfig)
+    res = FinishJob()(cfg, str(copy), str(path.parent), time.time())
+    assert res == {"scores": str(copy / "scores.csv")}
+    assert (copy / "scores.csv").read_bytes() == (one / "scores.csv").read_bytes()
+    assert (copy / "efficiency.json").is_file()
+    assert (copy / "report.md").read_text().replace(str(copy), str(one)) == (one / "report.md").read_text()

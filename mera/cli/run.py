@@ -126,6 +126,6 @@ def _launch(cfg, out: Path, config_dir: Path, resume: bool, only, detach: bool):
     if only is not None:
         require_experts(rd, only)
     # bad paths or files fail here, before any job is submitted; the toy zoo and data are built once
-    load_assets(cfg, config_dir, cache_dir=rd.features_dir, judge=False)
+    assets = load_assets(cfg, config_dir, cache_dir=rd.features_dir, judge=False)
     rd.prepare(resume)
-    return Launcher(cfg, out, config_dir).launch(only if only is not None else rd.units(), detach=detach)
+    return Launcher(cfg, out, config_dir, assets=assets).launch(only if only is not None else rd.units(), detach=detach)

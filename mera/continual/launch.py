@@ -194,11 +194,22 @@ class FinishJob(_Requeueable):
     """The last job of ``--detach``: scores.csv, efficiency.json and the report."""
 
     def __call__(self, cfg, out: str, config_dir: str, submitted_at: float) -> dict:
-        from mera.continual.loop import StageLoop
-
-        loop = StageLoop(cfg, out, config_dir=Path(config_dir), resume=True, progress=False)
         t0 = time.perf_counter() - (time.time() - submitted_at)  # "all stages done in" counts from submission
-        return {"scores": str(loop.finish(t0))}
+        return {"scores": str(finish(cfg, Path(out), Path(config_dir), t0))}
+
+
+def finish(cfg, out: Path, config_dir: Path, t0: float, assets=None, log=None) -> Path:
+    """scores.csv, efficiency.json and the report, as at the end of ``mera run`` (StageLoop.finish); the
+    report's gallery reads the evaluation sets, from ``assets`` (load_assets) or loaded here without the
+    judge (nothing is trained or evaluated)."""
+    from mera.continual.assets import load_assets
+    from mera.continual.loop import StageLoop
+
+    loop = StageLoop(cfg, out, config_dir=config_dir, resume=True, progress=False, log=log)
+    if assets is None:
+        assets = load_assets(cfg, config_dir, cache_dir=loop.dir.features_dir, judge=False)
+    loop.base_assets = assets  # what StageLoop.setup would set; finish() reads its evaluation sets
+    return loop.finish(t0)
 
 
 def _distributed_env() -> None:
@@ -222,9 +233,10 @@ def _distributed_env() -> None:
 class Launcher:
     """Submits the jobs of ``units`` to run in ``out`` and (unless ``detach``) waits for them."""
 
-    def __init__(self, cfg, out: Path, config_dir: Path, *, log=None, poll_s: float | None = None):
+    def __init__(self, cfg, out: Path, config_dir: Path, *, log=None, poll_s: float | None = None, assets=None):
         from mera.continual.run_config import LauncherConfig
 
+        self.assets = assets  # the config's assets, when the caller loaded them (for the report's gallery)
         self.cfg, self.out, self.config_dir = cfg, Path(out).absolute(), Path(config_dir).absolute()
         self.lc = cfg.launcher or LauncherConfig()
         self.rd = RunDir(self.out, cfg)
@@ -323,10 +335,7 @@ class Launcher:
                 for job in dict.fromkeys(self.jobs.values()):
                     job.cancel(check=False)
             raise
-        from mera.continual.loop import StageLoop
-
-        loop = StageLoop(self.cfg, self.out, config_dir=self.config_dir, resume=True, progress=False, log=self.log)
-        scores = loop.finish(t0)
+        scores = finish(self.cfg, self.out, self.config_dir, t0, assets=self.assets, log=self.log)
         bad = [f"{k}: {v}" if k.startswith("not submitted") else v for k, v in self.outcome.items() if v]
         if bad:
             raise MeraError(f"{self.out}: {len(bad)} job(s) did not end well: {'; '.join(bad)}; the finished units are "
