@@ -18,6 +18,15 @@ def add_parser(subparsers):
     r.add_argument("--workers", type=int, default=1, metavar="N",
                    help="train independent experts and (order, method) chains in N processes on CPU, "
                         "sharing the config's threads (default 1)")
+    r.add_argument("--launcher", choices=["submitit"],
+                   help="run the experts and every (order, method) chain as jobs of a cluster (SLURM, or local "
+                        "processes), with the resources of the config's launcher: section (docs/launcher.md)")
+    r.add_argument("--detach", action="store_true",
+                   help="with --launcher submitit on SLURM: submit every job and a last one that writes the scores "
+                        "and the report, then return at once")
+    r.add_argument("--only", action="append", metavar="UNIT",
+                   help="run only this unit, by hand: 'experts', 'experts/MODALITY' or 'ORDER/METHOD' (the method's "
+                        "name or slug, e.g. sequential/mera-10); repeatable; implies --resume")
     r.set_defaults(func=run)
     return r
 
@@ -31,6 +40,16 @@ def run(args) -> int:
     out = Path(args.out or Path("runs") / cfg.name)
     if args.workers < 1:
         raise ConfigError(f"--workers must be >= 1, got {args.workers}")
+    if args.launcher and args.workers > 1:
+        raise ConfigError("--launcher submitit runs every unit as a job of its own; leave out --workers")
+    if args.detach and not args.launcher:
+        raise ConfigError("--detach goes with --launcher submitit")
+    only = None
+    if args.only:
+        from mera.continual.launch import select_units
+
+        only = select_units(cfg, args.only, source=args.config)
+        args.resume = True  # a unit chosen by hand belongs to a run: continue it (or start it)
     if args.dry_run:
         from mera.continual.rundir import RunDir
 
@@ -56,17 +75,30 @@ def run(args) -> int:
               f"method already trained is reused{'' if cfg.share else ': off, share is false'}):")
         for u in chains:
             print(f"  {u.order:12s} {' + '.join(cfg.methods[k].name for k in u.methods)}")
+        if only is not None:
+            print("chosen with --only (every seed):")
+            for u in only:
+                print(f"  {u.name(cfg)}")
+        if args.launcher:
+            from mera.continual.launch import describe_jobs
+
+            print("\n".join(describe_jobs(cfg, out, only if only is not None else rd.units(), args.detach)))
         n = len(cfg.run_seeds)
         per = f"{len(plan['experts'])} experts, {len(plan['stages']) // n} stages"
         print(per if n == 1 else f"{per} per seed; {n} seeds: {len(plan['experts']) * n} experts, "
                                  f"{len(plan['stages'])} stages")
         return 0
-    from mera.continual.loop import StageLoop
+    if args.launcher:
+        scores = _launch(cfg, out, Path(args.config).resolve().parent, args.resume, only, args.detach)
+        if scores is None:  # --detach: the jobs write the scores and the report
+            return 0
+    else:
+        from mera.continual.loop import StageLoop
 
-    # on a terminal: progress bars with one process; with --workers, a live board of the workers
-    loop = StageLoop(cfg, out, config_dir=Path(args.config).resolve().parent, resume=args.resume,
-                     progress=not args.quiet and sys.stderr.isatty(), workers=args.workers)
-    scores = loop.run()
+        # on a terminal: progress bars with one process; with --workers, a live board of the workers
+        loop = StageLoop(cfg, out, config_dir=Path(args.config).resolve().parent, resume=args.resume,
+                         progress=not args.quiet and sys.stderr.isatty(), workers=args.workers, only=only)
+        scores = loop.run()
     from mera import dist
 
     if not dist.is_main():  # under a distributed launch only the main process prints the report
@@ -75,3 +107,25 @@ def run(args) -> int:
         print((out / "report.md").read_text())
     print(f"run directory: {out}\n  scores:  {scores}\n  report:  {out / 'report.md'}\n  figures: {out / 'figures'}")
     return 0
+
+
+def _launch(cfg, out: Path, config_dir: Path, resume: bool, only, detach: bool):
+    """``--launcher submitit``: check the run directory and the config's files here (as ``mera run``
+    does, before anything is written), then submit the units as jobs (mera.continual.launch)."""
+    from mera import dist
+    from mera.continual.assets import load_assets
+    from mera.continual.launch import Launcher, require_experts
+    from mera.continual.rundir import RunDir
+    from mera.errors import ConfigError
+
+    if dist.world_size() > 1:
+        raise ConfigError("--launcher submitit starts its own processes; run it once, not under torchrun / "
+                          "accelerate launch")
+    rd = RunDir(out, cfg)
+    rd.prepare(resume, write=False)
+    if only is not None:
+        require_experts(rd, only)
+    # bad paths or files fail here, before any job is submitted; the toy zoo and data are built once
+    assets = load_assets(cfg, config_dir, cache_dir=rd.features_dir, judge=False)
+    rd.prepare(resume)
+    return Launcher(cfg, out, config_dir, assets=assets).launch(only if only is not None else rd.units(), detach=detach)

@@ -50,8 +50,9 @@ from mera.io import UnitLock, write_text
 
 class StageLoop:
     def __init__(self, cfg, out_dir: str | Path, *, config_dir: Path | None = None, resume: bool = False,
-                 progress: bool = True, log=None, workers: int = 1):
+                 progress: bool = True, log=None, workers: int = 1, only: list[Unit] | None = None):
         self.cfg = cfg
+        self.only = only  # --only: these units (mera.continual.launch.select_units) instead of the whole plan
         self.dir = RunDir(out_dir, cfg)
         self.out = self.dir.out
         self.config_dir = config_dir or Path.cwd()
@@ -106,6 +107,10 @@ class StageLoop:
     # ------------------------------------------------------------------ the run
     def run(self) -> Path:
         self.dir.prepare(self.resume, write=False)  # fail fast, before any set-up work
+        if self.only is not None:  # a chain chosen by hand needs its expert done (or chosen too)
+            from mera.continual.launch import require_experts
+
+            require_experts(self.dir, self.only)
         dist.barrier()  # every process has looked at the directory before the main one writes to it
         with dist.main_process_first():  # the main process builds the zoo / toy data; the others read them
             self.setup()  # bad paths or files fail here, before the run directory exists
@@ -113,7 +118,7 @@ class StageLoop:
             self.dir.prepare(self.resume)
         dist.barrier()
         t0 = time.perf_counter()
-        units = self.dir.units()
+        units = self.dir.units() if self.only is None else list(self.only)
         if self.workers > 1:
             from mera.continual.workers import run_parallel
 

@@ -187,6 +187,49 @@ class EvalConfig(StrictModel):
         return self
 
 
+class LauncherConfig(StrictModel):
+    """Where ``mera run CONFIG --launcher submitit`` runs a grid's units (experts, (order, method)
+    chains) as jobs, and with what resources per job (docs/launcher.md). Only where the jobs run, never
+    what they compute: a resumed run may change it (it is left out of the resume check)."""
+
+    # slurm: sbatch through submitit (needs SLURM's srun/sbatch here); local: each job a process of this
+    # machine (submitit's local executor: tests, or one many-GPU machine)
+    cluster: Literal["slurm", "local"] = "slurm"
+    partition: str | None = None
+    gpus_per_node: int = Field(1, ge=0, le=64)
+    # processes per job: 1, or gpus_per_node for data parallelism inside a unit (as torchrun would)
+    tasks_per_node: int = Field(1, ge=1, le=64)
+    cpus_per_task: int | None = Field(None, ge=1, le=1024)
+    mem_gb: float | None = Field(None, gt=0)
+    timeout_min: int = Field(24 * 60, ge=1, le=365 * 24 * 60)
+    # anything else sbatch takes, by its long option name without dashes: {account: proj, qos: high,
+    # constraint: a100, exclude: node12}
+    slurm_additional_parameters: dict[str, str | int | float | bool] = Field(default_factory=dict)
+    # submitit's folder (job pickles, logs): relative to the run directory (default <run>/.submitit);
+    # on SLURM it must be on a file system the compute nodes share
+    folder: str = ".submitit"
+
+    @field_validator("slurm_additional_parameters")
+    @classmethod
+    def _sbatch_keys(cls, v):
+        import re
+
+        for k in v:
+            if not re.fullmatch(r"[a-z][a-z0-9_-]*", k):
+                raise ValueError(f"{k!r} is not an sbatch option name (lower-case letters, digits, '-' or '_', "
+                                 "without the leading dashes, e.g. account, qos, constraint)")
+            if k.replace("_", "-") in ("dependency", "array", "output", "error"):
+                raise ValueError(f"{k!r} is set by mera's launcher (job order, logs); leave it out")
+        return v
+
+    @model_validator(mode="after")
+    def _tasks(self):
+        if self.tasks_per_node > 1 and self.gpus_per_node and self.tasks_per_node != self.gpus_per_node:
+            raise ValueError(f"tasks_per_node {self.tasks_per_node} must equal gpus_per_node {self.gpus_per_node} "
+                             "(one process per GPU) or be 1")
+        return self
+
+
 class RunConfig(StrictModel):
     name: str = "run"
     seed: int = Field(0, ge=0, lt=2**31)
@@ -207,6 +250,9 @@ class RunConfig(StrictModel):
     train: TrainConfig = Field(default_factory=TrainConfig)
     eval: EvalConfig = Field(default_factory=EvalConfig)
     threads: int | None = Field(2, ge=1, le=1024)  # torch CPU threads (None: torch's default)
+    # `mera run --launcher submitit`: where each unit runs as a job, with what resources (docs/launcher.md);
+    # None: the defaults (SLURM, 1 GPU per job)
+    launcher: LauncherConfig | None = None
 
     @field_validator("seeds")
     @classmethod

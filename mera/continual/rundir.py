@@ -211,9 +211,10 @@ class RunDir:
             if not resume:
                 raise MeraError(f"{self.out}: a run directory is already there; pass --resume to continue it "
                                 "or choose another --out")
-            # where the curves are reported (train.report_to) changes nothing computed: a resume may add
-            # or drop a tracker
-            diff = [k for k in flat_diff(self._saved_config(cfg_file), yaml.safe_load(text)) if k != "train.report_to"]
+            diff = flat_diff(self._saved_config(cfg_file), yaml.safe_load(text))
+            # where the curves are reported (train.report_to) and where jobs run (launcher) change
+            # nothing computed: a resume may change them
+            diff = [k for k in diff if k != "train.report_to" and k != "launcher" and not k.startswith("launcher.")]
             if diff:
                 raise ConfigError(f"{cfg_file}: the resumed config differs from the run's in: {', '.join(diff)}")
         elif write:
