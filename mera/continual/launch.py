@@ -208,7 +208,7 @@ def finish(cfg, out: Path, config_dir: Path, t0: float, assets=None, log=None) -
     loop = StageLoop(cfg, out, config_dir=config_dir, resume=True, progress=False, log=log)
     if assets is None:
         assets = load_assets(cfg, config_dir, cache_dir=loop.dir.features_dir, judge=False)
-    loop.base_assets = assets  # what StageLoop.setup would set; finish() reads its evaluation sets
+    loop.attach_assets(assets)  # finish() reads the evaluation sets and may profile the final models
     return loop.finish(t0)
 
 

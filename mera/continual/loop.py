@@ -83,12 +83,17 @@ class StageLoop:
                 self.threads = max(1, cfg.threads // max(1, local))
 
     def setup(self) -> None:
-        self.base_assets = load_assets(self.cfg, self.config_dir, cache_dir=self.dir.features_dir,
-                                       progress=self.progress, threads=self.threads)
+        self.attach_assets(load_assets(self.cfg, self.config_dir, cache_dir=self.dir.features_dir,
+                                       progress=self.progress, threads=self.threads))
         self.store = StepStore(self.dir.shared_dir if self.cfg.share else None, writer=self.main)
         # one tracker run per expert and per chain, opened where it starts (only the main process logs)
         self.trackers = tm.Trackers(self.cfg.train.report_to if self.main else [], self.out, self.cfg.name)
         tm.check_trackers(self.trackers.names)
+
+    def attach_assets(self, assets) -> None:
+        """Use ``assets`` (load_assets) for every seed: what the run's end (finish: the report's
+        gallery, the quiet profiles) needs when no unit ran in this process (the launcher's end)."""
+        self.base_assets = assets
         self._seeds: dict[int, tuple] = {}
         self.use_seed(self.cfg.run_seeds[0])
 
