@@ -10,9 +10,10 @@ import yaml
 
 from mera.cli import main
 from mera.config import load_config
-from mera.continual.plan import Phase, Preset, layer_bytes, memory_per_gpu, optimizer_steps, plan, read_preset, token_bytes
+from mera.continual.plan import plan
 from mera.continual.run_config import RunConfig
 from mera.errors import ConfigError
+from mera.train.plan import Phase, Preset, Shapes, layer_bytes, memory_per_gpu, optimizer_steps, read_preset, token_bytes
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -101,8 +102,6 @@ def test_the_activation_formula_by_hand_for_llama3_8b(paper_models):
 
 def test_presets_shard_what_they_shard():
     ph = Phase("x", "instruct", ["m"], 100, 7, 4, 100, [], 0, {"LoRA": 10}, 1000, {"LLM": 100}, 5000)
-    from mera.continual.plan import Shapes
-
     s = Shapes("llm", "bfloat16", 100, 1, 8, 16, 2, 8, 8, 32, 4, 0.0, 10, 1, 8, 1, 128)
     single = memory_per_gpu(ph, s, Preset("single", "single", 1), True)
     assert (single["weights"], single["gradients"], single["optimizer"]) == (6000, 1000, 2000)
@@ -288,8 +287,6 @@ def test_the_estimate_is_within_a_quarter_of_the_measured_peak(real_assets, tmp_
 
 
 def test_the_formula_follows_its_inputs():
-    from mera.continual.plan import Shapes
-
     s = Shapes("llm", "bfloat16", 0, 2, 64, 128, 4, 32, 64, 100, 4, 0.1, 0, 14, 6 * 64 + 128, 7, 0)
     block, lora = layer_bytes(s, mask_bytes=1)
     assert block == 2 * (4 * 64 + 4) + 2 * (2 * 64 + 2 * 32) + 4 * 4 + 3 * 2 * 128

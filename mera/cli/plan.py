@@ -1,7 +1,8 @@
 """``mera plan CONFIG [key=value ...] [--preset P] [--gpus N] [--text-tokens T] [--json]``: for every phase
 of a config, the parameters (trainable and frozen), the memory per GPU and the optimizer steps,
 from the models' configs alone (meta device: no weights read, no GPU). The work:
-:mod:`mera.continual.plan`; the formulas: docs/plan.md."""
+:mod:`mera.continual.plan` (the run's phases) and :mod:`mera.train.plan` (models on the meta device,
+formulas); docs/plan.md."""
 
 from __future__ import annotations
 
@@ -30,9 +31,10 @@ def run(args) -> int:
     import json
 
     from mera.config import load_config
-    from mera.continual.plan import plan, read_preset, render
+    from mera.continual.plan import plan, render
     from mera.continual.run_config import RunConfig
     from mera.errors import ConfigError
+    from mera.train.plan import read_preset
 
     if args.text_tokens < 0:
         raise ConfigError(f"--text-tokens must be >= 0, got {args.text_tokens}")
