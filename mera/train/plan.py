@@ -186,14 +186,11 @@ def _meta_encoder(family: str, path: str | None, options: dict) -> tuple[nn.Modu
 
         if not path or not (Path(path) / "config.json").is_file():
             raise ConfigError(f"hf_ast: {path}/config.json is missing (the plan reads the AST config; no weights)")
+        from mera.model.encoders.ast import ASTAudioEncoder
+
         acfg = ASTConfig.from_pretrained(path, local_files_only=True)
         with torch.device("meta"):
-            model = ASTModel(acfg)
-        f_out = (acfg.num_mel_bins - acfg.patch_size) // acfg.frequency_stride + 1
-        t_out = (acfg.max_length - acfg.patch_size) // acfg.time_stride + 1
-        enc = model
-        enc.output_dim = acfg.hidden_size
-        enc.num_tokens = f_out * t_out + (2 if opts.get("keep_special_tokens") else 0)
+            enc = ASTAudioEncoder(ASTModel(acfg), keep_special_tokens=opts.get("keep_special_tokens", False))
     else:  # the toy encoders (kilobytes) and plug-in families: loaded as a run loads them
         from mera.model.encoders.base import load_encoder
 
