@@ -61,6 +61,7 @@ def test_the_paper_config_is_planned_from_config_files_alone(paper_models):
     assert llm["parameters"] == LLAMA3_8B == 8_030_261_248
     assert lora["parameters"] == LORA_R128 == 335_544_320 and lora["modules"] == 32 * 7
     assert lora["adapted_weight_parameters"] == ADAPTED == 6_979_321_856
+    assert llm["decoder_layer_parameters"] == ADAPTED + 32 * 2 * 4096  # FSDP's units: the blocks and their norms
     assert p["cpu_master_copy_bytes"] == 4 * ADAPTED  # the bf16 LLM's fp32 master copies (27.9 GB)
     image = p["models"]["branches"]["image"]
     assert image["encoder_tokens"] == 576 and image["llm_tokens"] == 576  # (336 / 14)^2, CLS dropped
@@ -110,9 +111,16 @@ def test_presets_shard_what_they_shard():
     for kind in ("zero2", "fsdp"):
         m = memory_per_gpu(ph, s, Preset(kind, kind, 4), True)
         assert (m["weights"], m["gradients"], m["optimizer"]) == (6000, 250, 500)
+    # FSDP with one unit per decoder layer: the layers (10 of 8 parameters, bf16) sharded, two gathered
+    layered = Shapes("llm", "bfloat16", 100, 10, 8, 16, 2, 8, 8, 32, 4, 0.0, 0, 1, 8, 1, 128,
+                     layer_params=80, largest_layer_params=8)
+    m = memory_per_gpu(ph, layered, Preset("fsdp", "fsdp", 4, "layer"), True)
+    assert m["weights"] == 6000 - 2 * 80 + 2 * 80 // 4 + 2 * 2 * 8
+    assert memory_per_gpu(ph, layered, Preset("fsdp", "fsdp", 4, "whole"), True)["weights"] == 6000
     assert read_preset("single").kind == "single"
     assert (read_preset("ddp").kind, read_preset("ddp").gpus) == ("ddp", 2)  # the preset file's num_processes
-    assert (read_preset("fsdp", 8).kind, read_preset("fsdp", 8).gpus) == ("fsdp", 8)
+    fsdp = read_preset("fsdp", 8)
+    assert (fsdp.kind, fsdp.gpus, fsdp.wrap) == ("fsdp", 8, "layer")  # the preset's TRANSFORMER_BASED_WRAP
     assert read_preset("deepspeed_zero2").kind == "zero2"
     assert read_preset(str(REPO / "configs/accelerate/ddp.yaml"), 3).gpus == 3
     with pytest.raises(ConfigError, match="no such preset"):
@@ -189,7 +197,7 @@ def test_the_command_prints_a_table_and_json(paper_models, capsys):
             "paths.data=/nonexistent"]
     assert main(args + ["--preset", "deepspeed_zero2", "--gpus", "4", "--json"]) == 0
     out = json.loads(capsys.readouterr().out)
-    assert out["preset"] == {"name": "deepspeed_zero2", "kind": "zero2", "gpus": 4}
+    assert out["preset"] == {"name": "deepspeed_zero2", "kind": "zero2", "gpus": 4, "wrap": ""}
     assert out["models"]["llm"]["parameters"] == LLAMA3_8B
     assert all(ph["micro_per_gpu"] == 1 for ph in out["phases"])  # micro-batches of 4 split over 4 GPUs
     assert main(args) == 0

@@ -192,6 +192,8 @@ def plan(cfg, config_dir: str | Path, preset: Preset, text_tokens: int = 128, de
                     else:
                         extra += 2 * 4 * s.lora_params
                         notes.append("EWC: fp32 Fisher and anchor of the LoRA")
+                    if preset.kind == "fsdp":
+                        notes.append("EWC is refused under FSDP (docs/distributed.md): use DDP or ZeRO-2 for it")
                 pathweave = None
                 if "pathweave" in by_name:  # adapter i-1 and its path train instead of a LoRA
                     tr, fr = _pathweave_counts(s, i - 1, by_name["pathweave"].params)
@@ -230,7 +232,7 @@ def plan(cfg, config_dir: str | Path, preset: Preset, text_tokens: int = 128, de
         "models": {
             "llm": {"name": s.llm_name, "dtype": s.dtype, "parameters": s.llm_params, "bytes": llm_bytes,
                     "layers": s.layers, "hidden": s.hidden, "intermediate": s.intermediate, "heads": s.heads,
-                    "kv_dim": s.kv_dim, "vocab": s.vocab},
+                    "kv_dim": s.kv_dim, "vocab": s.vocab, "decoder_layer_parameters": s.layer_params},
             "lora": {"rank": s.lora_rank, "alpha": cfg.train.lora.alpha, "dropout": s.lora_dropout,
                      "modules": s.lora_modules, "parameters": s.lora_params, "bytes": 4 * s.lora_params,
                      "adapted_weight_parameters": s.target_weight_params},
@@ -268,7 +270,8 @@ def render(p: dict) -> str:
     m = p["models"]
     llm, lora = m["llm"], m["lora"]
     pr = p["preset"]
-    lines = [f"plan of {p['config']}: preset {pr['name']} ({pr['kind']}, {pr['gpus']} GPU{'s' if pr['gpus'] > 1 else ''}), "
+    wrap = {"layer": ", one unit per decoder layer", "whole": ", the whole model one unit"}.get(pr.get("wrap"), "")
+    lines = [f"plan of {p['config']}: preset {pr['name']} ({pr['kind']}{wrap}, {pr['gpus']} GPU{'s' if pr['gpus'] > 1 else ''}), "
              f"gradient checkpointing {'on' if p['gradient_checkpointing'] else 'off'}, "
              f"{p['text_tokens']} text tokens per sample assumed (--text-tokens)",
              "models (built on the meta device from their configs; no weights read):",
@@ -314,7 +317,8 @@ def render(p: dict) -> str:
     lines += ["", f"activations per token (bytes): one block {t['block']:,} + its LoRA {t['lora_per_block']:,}; "
                   f"whole LLM {t['no_checkpointing']:,} without, {t['checkpointing']:,} with gradient checkpointing "
                   "(formulas: docs/plan.md)",
-              "peak = weights + gradients + AdamW + extra state + activations of the config's choice; "
+              "peak (during the phase) = weights + gradients + AdamW + extra state + activations of the config's "
+              "choice; between phases every process holds the whole model (all presets); "
               "'act GC' / 'act': with / without gradient checkpointing; 'tok': text + media tokens of the longest "
               "sample; 'mb/GPU': samples per micro-batch on one GPU"]
     return "\n".join(lines)

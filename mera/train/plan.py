@@ -26,15 +26,14 @@ DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
 # ---------------------------------------------------------------------------------------- presets
 @dataclass
 class Preset:
-    """How the processes share the work: ``kind`` single | ddp | fsdp | zero2, ``gpus`` processes."""
+    """How the processes share the work: ``kind`` single | ddp | fsdp | zero2, ``gpus`` processes;
+    ``wrap`` (FSDP): ``layer`` (TRANSFORMER_BASED_WRAP: one unit per decoder layer) or ``whole``
+    (NO_WRAP: the whole model one unit)."""
 
     name: str
     kind: str
     gpus: int = 1
-
-    def describe(self) -> str:
-        what = {"single": "one GPU", "ddp": "DDP", "fsdp": "FSDP (full shard)", "zero2": "DeepSpeed ZeRO-2"}[self.kind]
-        return f"{self.name}: {what}, {self.gpus} GPU{'s' if self.gpus > 1 else ''}"
+    wrap: str = ""
 
 
 def read_preset(name: str | None, gpus: int | None = None, root: Path | None = None) -> Preset:
@@ -68,10 +67,20 @@ def read_preset(name: str | None, gpus: int | None = None, root: Path | None = N
         stage = (raw.get("deepspeed_config") or {}).get("zero_stage")
         if stage != 2:
             raise ConfigError(f"{path}: DeepSpeed ZeRO stage {stage!r}; the plan knows stage 2 (the preset's)")
+    wrap = ""
+    if dt == "FSDP":
+        fc = raw.get("fsdp_config") or {}
+        strategy = str(fc.get("fsdp_sharding_strategy", "FULL_SHARD")).upper()
+        if strategy not in ("FULL_SHARD", "1"):
+            raise ConfigError(f"{path}: fsdp_sharding_strategy {strategy!r}; the plan knows FULL_SHARD (the preset's)")
+        policy = str(fc.get("fsdp_auto_wrap_policy", "NO_WRAP")).upper()
+        if policy not in ("NO_WRAP", "TRANSFORMER_BASED_WRAP"):
+            raise ConfigError(f"{path}: fsdp_auto_wrap_policy {policy!r} (mera runs NO_WRAP and TRANSFORMER_BASED_WRAP)")
+        wrap = "layer" if policy == "TRANSFORMER_BASED_WRAP" else "whole"
     n = gpus if gpus is not None else int(raw.get("num_processes") or 1)
     if n < 1:
         raise ConfigError(f"--gpus must be >= 1, got {n}")
-    return Preset(path.stem if name not in PRESET_NAMES else name, kinds[dt], n)
+    return Preset(path.stem if name not in PRESET_NAMES else name, kinds[dt], n, wrap)
 
 
 # ---------------------------------------------------------------------------------------- models
@@ -111,6 +120,8 @@ class Shapes:
     lora_in_per_layer: int  # sum of the in-features of the adapted linear layers of one block
     lora_modules_per_layer: int
     target_weight_params: int  # elements of the adapted linear weights (what a fold changes)
+    layer_params: int = 0  # the LLM's decoder layers (its _no_split_modules): FSDP's units
+    largest_layer_params: int = 0
     branches: dict[str, Branch] = field(default_factory=dict)
     adapted_shapes: dict[tuple[int, int], int] = field(default_factory=dict)  # (in, out) -> adapted layers
 
@@ -271,6 +282,9 @@ def build_shapes(cfg, config_dir: str | Path, resolve=None) -> Shapes:
     head_dim = int(getattr(text, "head_dim", None) or text.hidden_size // heads)
     kv_heads = int(getattr(text, "num_key_value_heads", None) or heads)
     llm_params = _count(llm)
+    # the decoder layers, as mera.train.fsdp wraps them (TRANSFORMER_BASED_WRAP: the LLM's _no_split_modules)
+    unit_names = {n for m in llm.modules() for n in (getattr(m, "_no_split_modules", None) or ())}
+    units = [_count(m) for m in llm.modules() if type(m).__name__ in unit_names]
     lora = cfg.train.lora
     with torch.device("meta"):
         peft = get_peft_model(llm, LoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
@@ -288,7 +302,8 @@ def build_shapes(cfg, config_dir: str | Path, resolve=None) -> Shapes:
                     kv_dim=kv_heads * head_dim, q_dim=heads * head_dim, vocab=int(text.vocab_size),
                     lora_rank=lora.r, lora_dropout=lora.dropout, lora_params=lora_params,
                     lora_modules=len(adapted), lora_in_per_layer=in_sum // max(1, layers),
-                    lora_modules_per_layer=len(adapted) // max(1, layers), target_weight_params=target_weights)
+                    lora_modules_per_layer=len(adapted) // max(1, layers), target_weight_params=target_weights,
+                    layer_params=sum(units), largest_layer_params=max(units, default=0))
     for m in adapted:
         key = (m.base_layer.in_features, m.base_layer.out_features)
         shapes.adapted_shapes[key] = shapes.adapted_shapes.get(key, 0) + 1
@@ -386,17 +401,25 @@ class Phase:
 
 
 def memory_per_gpu(ph: Phase, s: Shapes, preset: Preset, checkpointing: bool, mask_bytes: int = 1) -> dict[str, int]:
-    """Bytes per GPU of a phase (see docs/plan.md): weights, gradients, AdamW, extra state, activations."""
+    """Bytes per GPU during a phase (see docs/plan.md): weights, gradients, AdamW, extra state,
+    activations. (Between phases every process holds the whole model under every preset.)"""
     n = preset.gpus
     weights = ph.frozen_bytes + ph.trainable_bytes
     grads = ph.trainable_bytes  # gradients in the parameters' dtype
     optim = 2 * ph.trainable_bytes  # AdamW's exp_avg and exp_avg_sq, in the parameters' dtype
     if preset.kind == "ddp":
         grads *= 2  # DDP's reducer keeps its gradient buckets beside the gradients
-    elif preset.kind in ("fsdp", "zero2"):
-        # sharded over the processes; FSDP with the preset's NO_WRAP policy has one unit, the whole
-        # model, gathered whole for the forward and backward passes: its weights' peak is not sharded
+    elif preset.kind in ("fsdp", "zero2"):  # sharded over the processes
         grads, optim = math.ceil(grads / n), math.ceil(optim / n)
+    if preset.kind == "fsdp" and preset.wrap == "layer":
+        # one FSDP unit per decoder layer (mera.train.fsdp): the layers (with their LoRA) are sharded
+        # and gathered one at a time (two with the next one prefetched); the rest (embeddings, head,
+        # encoders, connectors) is the root unit, whole. (NO_WRAP: one unit, gathered whole.)
+        b = s.dtype_bytes
+        lora_share = s.lora_params * 4 * ph.lora_copies // max(1, s.layers) if ph.lora_copies else 0
+        layer = s.largest_layer_params * b + lora_share
+        in_layers = s.layer_params * b + lora_share * s.layers
+        weights = weights - in_layers + math.ceil(in_layers / n) + 2 * layer
     media = max((s.branches[m].connector_act for m in ph.media), default=0)
     acts = {gc: ph.micro_per_gpu * (ph.tokens * token_bytes(s, lora=ph.lora_copies, checkpointing=gc,
                                                               mask_bytes=mask_bytes) + media)
