@@ -101,16 +101,15 @@ def test_the_activation_formula_by_hand_for_llama3_8b(paper_models):
     assert mem["peak"] == mem["weights"] + mem["gradients"] + mem["optimizer"] + mem["activations_checkpointing"]
 
 
-def test_presets_shard_what_they_shard():
+def test_presets_shard_what_they_shard(tmp_path):
     ph = Phase("x", "instruct", ["m"], 100, 7, 4, 100, [], 0, {"LoRA": 10}, 1000, {"LLM": 100}, 5000)
     s = Shapes("llm", "bfloat16", 100, 1, 8, 16, 2, 8, 8, 32, 4, 0.0, 10, 1, 8, 1, 128)
     single = memory_per_gpu(ph, s, Preset("single", "single", 1), True)
     assert (single["weights"], single["gradients"], single["optimizer"]) == (6000, 1000, 2000)
     ddp = memory_per_gpu(ph, s, Preset("ddp", "ddp", 4), True)
     assert (ddp["weights"], ddp["gradients"], ddp["optimizer"]) == (6000, 2000, 2000)  # + the reducer's buckets
-    for kind in ("zero2", "fsdp"):
-        m = memory_per_gpu(ph, s, Preset(kind, kind, 4), True)
-        assert (m["weights"], m["gradients"], m["optimizer"]) == (6000, 250, 500)
+    m = memory_per_gpu(ph, s, Preset("fsdp", "fsdp", 4), True)
+    assert (m["weights"], m["gradients"], m["optimizer"]) == (6000, 250, 500)
     # FSDP with one unit per decoder layer: the layers (10 of 8 parameters, bf16) sharded, two gathered
     layered = Shapes("llm", "bfloat16", 100, 10, 8, 16, 2, 8, 8, 32, 4, 0.0, 0, 1, 8, 1, 128,
                      layer_params=80, largest_layer_params=8)
@@ -121,7 +120,10 @@ def test_presets_shard_what_they_shard():
     assert (read_preset("ddp").kind, read_preset("ddp").gpus) == ("ddp", 2)  # the preset file's num_processes
     fsdp = read_preset("fsdp", 8)
     assert (fsdp.kind, fsdp.gpus, fsdp.wrap) == ("fsdp", 8, "layer")  # the preset's TRANSFORMER_BASED_WRAP
-    assert read_preset("deepspeed_zero2").kind == "zero2"
+    deepspeed = tmp_path / "ds.yaml"  # mera run refuses DeepSpeed: so does the plan, in one line
+    deepspeed.write_text("distributed_type: DEEPSPEED\nnum_processes: 2\ndeepspeed_config: {zero_stage: 2}\n")
+    with pytest.raises(ConfigError, match="DeepSpeed is not supported"):
+        read_preset(str(deepspeed))
     assert read_preset(str(REPO / "configs/accelerate/ddp.yaml"), 3).gpus == 3
     with pytest.raises(ConfigError, match="no such preset"):
         read_preset("zero3")
@@ -195,9 +197,9 @@ def test_steps_from_the_data_files_and_counts_equal_the_built_models(micro_asset
 def test_the_command_prints_a_table_and_json(paper_models, capsys):
     args = ["plan", str(REPO / "configs/paper/mera_sequential.yaml"), f"paths.models={paper_models}",
             "paths.data=/nonexistent"]
-    assert main(args + ["--preset", "deepspeed_zero2", "--gpus", "4", "--json"]) == 0
+    assert main(args + ["--preset", "fsdp", "--gpus", "4", "--json"]) == 0
     out = json.loads(capsys.readouterr().out)
-    assert out["preset"] == {"name": "deepspeed_zero2", "kind": "zero2", "gpus": 4, "wrap": ""}
+    assert out["preset"] == {"name": "fsdp", "kind": "fsdp", "gpus": 4, "wrap": "layer"}
     assert out["models"]["llm"]["parameters"] == LLAMA3_8B
     assert all(ph["micro_per_gpu"] == 1 for ph in out["phases"])  # micro-batches of 4 split over 4 GPUs
     assert main(args) == 0

@@ -15,7 +15,7 @@ def add_parser(subparsers):
     p.add_argument("config", help="YAML config (e.g. configs/paper/mera_sequential.yaml)")
     p.add_argument("overrides", nargs="*", help="key=value overrides, e.g. paths.models=/models")
     p.add_argument("--preset", default="single",
-                   help="single (default), ddp, fsdp, deepspeed_zero2 (configs/accelerate/<name>.yaml) or the path "
+                   help="single (default), ddp, fsdp (configs/accelerate/<name>.yaml) or the path "
                         "of an accelerate config file")
     p.add_argument("--gpus", type=int, default=None, metavar="N",
                    help="number of GPUs (processes) of the preset (default: the preset file's num_processes)")

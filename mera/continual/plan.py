@@ -9,7 +9,7 @@ and realign where the method has it) the plan gives
 
 - the parameters, trainable and frozen, by part (LLM, LoRA or a strategy's modules, connectors,
   encoders);
-- the memory per GPU under a preset (single GPU, DDP, FSDP, DeepSpeed ZeRO-2, ``configs/accelerate``):
+- the memory per GPU under a preset (single GPU, DDP, FSDP: ``configs/accelerate``):
   weights, gradients, AdamW states, a strategy's extra state, activations with and without
   gradient checkpointing, and the peak (with the config's ``train.gradient_checkpointing``);
 - the number of optimizer steps, from the data sets' sizes (their files are read when present,
@@ -193,7 +193,7 @@ def plan(cfg, config_dir: str | Path, preset: Preset, text_tokens: int = 128, de
                         extra += 2 * 4 * s.lora_params
                         notes.append("EWC: fp32 Fisher and anchor of the LoRA")
                     if preset.kind == "fsdp":
-                        notes.append("EWC is refused under FSDP (docs/distributed.md): use DDP or ZeRO-2 for it")
+                        notes.append("EWC is refused under FSDP (docs/distributed.md): use DDP for it")
                 pathweave = None
                 if "pathweave" in by_name:  # adapter i-1 and its path train instead of a LoRA
                     tr, fr = _pathweave_counts(s, i - 1, by_name["pathweave"].params)

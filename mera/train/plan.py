@@ -2,7 +2,7 @@
 models built on PyTorch's ``meta`` device (no weight read), their parameter counts, the bytes of
 activations a token costs (:func:`token_bytes`), the optimizer steps of a phase as
 :func:`mera.train.loop.train_phase` counts them, and the memory per GPU of a phase under a
-distributed preset (single GPU, DDP, FSDP, DeepSpeed ZeRO-2). ``mera plan``
+distributed preset (single GPU, DDP, FSDP). ``mera plan``
 (:mod:`mera.continual.plan`) lays a run config's phases out with them.
 """
 
@@ -19,14 +19,14 @@ from torch import nn
 from mera.errors import ConfigError, MeraError
 
 GIB = 2**30
-PRESET_NAMES = ("single", "ddp", "fsdp", "deepspeed_zero2")
+PRESET_NAMES = ("single", "ddp", "fsdp")
 DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
 
 
 # ---------------------------------------------------------------------------------------- presets
 @dataclass
 class Preset:
-    """How the processes share the work: ``kind`` single | ddp | fsdp | zero2, ``gpus`` processes;
+    """How the processes share the work: ``kind`` single | ddp | fsdp, ``gpus`` processes;
     ``wrap`` (FSDP): ``layer`` (TRANSFORMER_BASED_WRAP: one unit per decoder layer) or ``whole``
     (NO_WRAP: the whole model one unit)."""
 
@@ -37,7 +37,7 @@ class Preset:
 
 
 def read_preset(name: str | None, gpus: int | None = None, root: Path | None = None) -> Preset:
-    """``name``: single, ddp, fsdp, deepspeed_zero2 (configs/accelerate/<name>.yaml) or the path of an
+    """``name``: single, ddp, fsdp (configs/accelerate/<name>.yaml) or the path of an
     accelerate config file (its ``distributed_type`` and ``num_processes``); ``gpus`` overrides
     the number of processes."""
     import yaml
@@ -45,7 +45,7 @@ def read_preset(name: str | None, gpus: int | None = None, root: Path | None = N
     name = name or "single"
     if name == "single":
         if gpus not in (None, 1):
-            raise ConfigError(f"--preset single is one GPU; got --gpus {gpus} (use ddp, fsdp or deepspeed_zero2)")
+            raise ConfigError(f"--preset single is one GPU; got --gpus {gpus} (use ddp or fsdp)")
         return Preset("single", "single", 1)
     path = Path(name)
     if name in PRESET_NAMES:
@@ -60,13 +60,12 @@ def read_preset(name: str | None, gpus: int | None = None, root: Path | None = N
     if not isinstance(raw, dict):
         raise ConfigError(f"{path}: not an accelerate config (a YAML mapping is expected)")
     dt = str(raw.get("distributed_type", "NO")).upper()
-    kinds = {"MULTI_GPU": "ddp", "FSDP": "fsdp", "DEEPSPEED": "zero2", "NO": "single"}
-    if dt not in kinds:
+    kinds = {"MULTI_GPU": "ddp", "FSDP": "fsdp", "NO": "single"}
+    if dt not in kinds and dt != "DEEPSPEED":
         raise ConfigError(f"{path}: distributed_type {dt!r} is not planned (known: {', '.join(kinds)})")
-    if dt == "DEEPSPEED":
-        stage = (raw.get("deepspeed_config") or {}).get("zero_stage")
-        if stage != 2:
-            raise ConfigError(f"{path}: DeepSpeed ZeRO stage {stage!r}; the plan knows stage 2 (the preset's)")
+    if dt == "DEEPSPEED":  # mera run refuses DeepSpeed (docs/distributed.md): nothing to plan
+        raise ConfigError(f"{path}: DeepSpeed is not supported by mera run (docs/distributed.md, \"DeepSpeed "
+                          "ZeRO-2: refused, and why\"); plan with ddp or fsdp")
     wrap = ""
     if dt == "FSDP":
         fc = raw.get("fsdp_config") or {}
@@ -409,7 +408,7 @@ def memory_per_gpu(ph: Phase, s: Shapes, preset: Preset, checkpointing: bool, ma
     optim = 2 * ph.trainable_bytes  # AdamW's exp_avg and exp_avg_sq, in the parameters' dtype
     if preset.kind == "ddp":
         grads *= 2  # DDP's reducer keeps its gradient buckets beside the gradients
-    elif preset.kind in ("fsdp", "zero2"):  # sharded over the processes
+    elif preset.kind == "fsdp":  # sharded over the processes
         grads, optim = math.ceil(grads / n), math.ceil(optim / n)
     if preset.kind == "fsdp" and preset.wrap == "layer":
         # one FSDP unit per decoder layer (mera.train.fsdp): the layers (with their LoRA) are sharded
