@@ -39,6 +39,7 @@ bench: $(STAMP)
 	$(BIN)/python benchmarks/loop_parity.py
 	$(BIN)/python benchmarks/sharing_bench.py
 	$(BIN)/python benchmarks/judge_cache_bench.py
+	$(BIN)/python benchmarks/merge_precision.py
 
 clean-venv:
 	rm -rf $(VENV)

@@ -243,3 +243,35 @@ def test_loaded_stage_reproduces_the_saved_predictions(real_run):
                                                progress=False)]
             want = [p["prediction"] for p in saved if p["modality"] == m]
             assert preds == want, (stage, m)
+
+
+def test_a_bfloat16_stage_holds_its_folds_rounded_once(real_run):
+    """MERA's stage 2 on the bfloat16 Llama: every adapted weight is the base weight plus the
+    expert's delta (1) and stage 2's (1/2), summed in fp32 and rounded to bfloat16 once
+    (mera.train.precision), not rounded after each fold as before."""
+    cfg_path, cfg, out = real_run
+    assets = load_assets(cfg, cfg_path.parent, judge=False)
+    base = dict(assets.base_model().llm.named_modules())
+    folder = out / "sequential/mera-10/stage_2_point"
+    model = load_stage(assets, folder)
+    folds = [f for stage in ckpt.chain(folder) for f in ckpt.load_folds(stage)]
+    assert [c for _, c in folds] == [1.0, 0.5]
+    from mera.train.lora import lora_delta
+
+    def update(delta, coef, name):  # what the fold adds (mera.train.lora.fold_delta)
+        d = delta.modules[name]
+        return lora_delta(d["A"], d["B"], d["scaling"] * coef)
+
+    rounded_twice = 0
+    for name, m in model.llm.named_modules():
+        if name not in folds[0][0].modules:
+            continue
+        acc = base[name].weight.float()
+        for delta, coef in folds:
+            acc = acc + update(delta, coef, name)
+        assert torch.equal(m.weight, acc.to(torch.bfloat16)), name
+        twice = base[name].weight
+        for delta, coef in folds:
+            twice = (twice.float() + update(delta, coef, name)).to(torch.bfloat16)
+        rounded_twice += int((twice != m.weight).sum())
+    assert rounded_twice > 0  # the old fold gives other weights: the check above can fail

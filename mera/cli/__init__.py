@@ -1,4 +1,4 @@
-"""The ``mera`` command: run | sweep | report | generate | export | import-llava | profile | data | toy.
+"""The ``mera`` command: run | plan | sweep | report | generate | export | import-llava | profile | data | toy.
 
 One module per command, each with ``add_parser(subparsers)`` (its options; it sets ``func`` to its
 ``run``) and ``run(args) -> int``. Heavy modules (torch, transformers) are imported inside
@@ -18,11 +18,11 @@ import sys
 # 2-core machine; passive waiting costs nothing when the machine is idle.
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
-from mera.cli import data, export, generate, import_llava, profile, report, run, sweep, toy  # noqa: E402
+from mera.cli import data, export, generate, import_llava, plan, profile, report, run, sweep, toy  # noqa: E402
 from mera.errors import MeraError  # noqa: E402
 
 # in the order of `mera --help`
-COMMANDS = (run, sweep, report, generate, export, import_llava, profile, data, toy)
+COMMANDS = (run, plan, sweep, report, generate, export, import_llava, profile, data, toy)
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -46,7 +46,7 @@ def main(argv: list[str] | None = None) -> int:
     # key=value overrides may come before or after options (argparse stops positionals at options)
     args, extra = parser.parse_known_args(argv)
     if extra:
-        if args.command not in ("run", "sweep") or any(x.startswith("-") for x in extra):
+        if args.command not in ("run", "plan", "sweep") or any(x.startswith("-") for x in extra):
             parser.error(f"unrecognized arguments: {' '.join(extra)}")
         args.overrides = list(args.overrides) + extra
     os.environ.setdefault("HF_HUB_OFFLINE", "1")  # never download at run time

@@ -7,7 +7,9 @@
 
 Folding ``W += coef * update`` uses the same function during a run and when a stage is
 loaded, so a rebuilt model is bit-identical to the one the run evaluated. A factored delta is
-folded one module at a time (``mera.train.lora.fold_lora``): never a second copy of the LLM.
+folded one module at a time (``mera.train.lora.fold_lora``): never a second copy of the LLM on
+its device. A bfloat16 / float16 weight is rounded once, not once per fold: it keeps an fp32
+master copy on the CPU (``mera.train.precision``, docs/merging_precision.md).
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ import torch
 from mera.errors import CheckpointError
 from mera.faults import fault_point
 from mera.train.lora import LoraDelta, fold_lora, lora_delta, lora_from_tensors, lora_to_tensors
+from mera.train.precision import add_to_weight
 
 KINDS = ("lora", "dense")
 
@@ -71,7 +74,7 @@ class Delta:
             if name not in modules:
                 raise KeyError(f"delta names a module the LLM does not have: {name}")
             w = modules[name].weight
-            w.copy_((w.float() + coef * dw.to(w.device)).to(w.dtype))
+            add_to_weight(w, coef * dw.to(w.device))
             if k == len(self.modules) // 2:
                 fault_point("merge")
 

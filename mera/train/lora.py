@@ -14,6 +14,7 @@ from pydantic import Field
 
 from mera.config.base import StrictModel
 from mera.faults import fault_point
+from mera.train.precision import add_to_weight
 
 
 class LoraSettings(StrictModel):
@@ -35,9 +36,10 @@ def lora_delta(lora_A: torch.Tensor, lora_B: torch.Tensor, scaling: float) -> to
 
 @torch.no_grad()
 def fold_delta(weight: torch.Tensor, lora_A: torch.Tensor, lora_B: torch.Tensor, scaling: float, coef: float) -> None:
-    """In place: ``weight += coef * scaling * B @ A`` (computed in fp32, cast to the weight's dtype)."""
+    """In place: ``weight += coef * scaling * B @ A`` (computed in fp32; a non-fp32 weight keeps an fp32
+    master copy, so that it is rounded once, not once per fold: :mod:`mera.train.precision`)."""
     delta = lora_delta(lora_A.to(weight.device), lora_B.to(weight.device), scaling * coef)
-    weight.copy_((weight.float() + delta).to(weight.dtype))
+    add_to_weight(weight, delta)
 
 
 def lora_parameters(llm) -> dict[str, torch.nn.Parameter]:
