@@ -230,15 +230,11 @@ class Check:
         from mera.data.pipeline import ItemDataset
         from mera.eval.profile import PeakMemory
         from mera.model.collate import MultimodalCollator
-        from mera.train.loop import train_phase
+        from mera.train.loop import train_only, train_phase
 
         s, model = self.sizes, self.model
         micro = s["micro"]
-        for p in model.parameters():
-            p.requires_grad_(False)
-        for g in groups:
-            for p in g["params"]:
-                p.requires_grad_(True)
+        train_only(model, groups)
         collate = MultimodalCollator(self.tok, model, train=True)
         warm, meas = samples[:micro * s["warmup"]], samples[micro * s["warmup"]:micro * (s["warmup"] + s["steps"])]
 

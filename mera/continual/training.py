@@ -27,7 +27,7 @@ from mera.continual.strategies import Continue, InstructStep, OwnModules, StageC
 from mera.data.pipeline import ItemDataset
 from mera.errors import CheckpointError
 from mera.model.collate import MultimodalCollator
-from mera.train.loop import PhaseResult, StepCheckpoint, train_phase
+from mera.train.loop import PhaseResult, StepCheckpoint, train_only, train_phase
 from mera.train.lora import attach_lora, detach_lora, extract_lora, load_lora, lora_parameters
 
 
@@ -43,11 +43,7 @@ def run_phase(assets: Assets, model, groups: list[dict], samples, phase: str, se
     """Train the parameters of ``groups`` (``{"params", "lr"}``) on ``samples`` with ``train.<phase>``."""
     tc = assets.cfg.train
     pc = getattr(tc, phase)
-    for p in model.parameters():
-        p.requires_grad_(False)
-    for g in groups:
-        for p in g["params"]:
-            p.requires_grad_(True)
+    train_only(model, groups)
     collate = MultimodalCollator(assets.tokenizer, model, train=True)
     ck = StepCheckpoint(steps_dir / phase, tc.checkpoint_every) if tc.checkpoint_every and steps_dir else None
     # every phase backpropagates through the frozen LLM (into the connectors, or its LoRA):

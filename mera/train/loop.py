@@ -219,6 +219,15 @@ def _weight(batch: dict, n_real: int) -> torch.Tensor:
     return torch.tensor(float(n_real))
 
 
+def train_only(model: torch.nn.Module, groups: list[dict]) -> None:
+    """Freeze every parameter of ``model``, then unfreeze those of ``groups`` (``{"params": [...]}``)."""
+    for p in model.parameters():
+        p.requires_grad_(False)
+    for g in groups:
+        for p in g["params"]:
+            p.requires_grad_(True)
+
+
 @dataclass
 class PhaseResult:
     losses: list[float] = field(default_factory=list)  # one per optimizer step (mean over micro-batches)
