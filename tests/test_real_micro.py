@@ -275,3 +275,63 @@ def test_a_bfloat16_stage_holds_its_folds_rounded_once(real_run):
             twice = (twice.float() + update(delta, coef, name)).to(torch.bfloat16)
         rounded_twice += int((twice != m.weight).sum())
     assert rounded_twice > 0  # the old fold gives other weights: the check above can fail
+
+
+@pytest.fixture(scope="module")
+def branch_run(assets, tmp_path_factory):
+    """MERA (10%) on the bfloat16 Llama with ``model.folds: branches`` (folds kept as fp32 branches)."""
+    tmp = tmp_path_factory.mktemp("branch_run")
+    mp = pytest.MonkeyPatch()
+    mp.setenv("MERA_HOME", str(tmp / "home"))
+    cfg_path = micro_config(assets, tmp)
+    raw = yaml.safe_load(cfg_path.read_text())
+    raw["model"]["folds"] = "branches"
+    raw["methods"] = raw["methods"][1:]
+    cfg_path.write_text(yaml.safe_dump(raw))
+    cfg = load_config(cfg_path, [], RunConfig)
+    out = tmp / "out"
+    StageLoop(cfg, out, config_dir=tmp, progress=False, log=lambda m: None).run()
+    yield cfg_path, cfg, out
+    mp.undo()
+
+
+def test_folds_kept_as_branches_train_evaluate_rebuild_and_export_exactly(branch_run, tmp_path):
+    from mera.eval.evaluate import generate_answers
+    from mera.interop.export import export_stage
+    from mera.train import branches
+    from mera.train.lora import lora_delta
+
+    cfg_path, cfg, out = branch_run
+    assets = load_assets(cfg, cfg_path.parent, judge=False)
+    base = dict(assets.base_model().llm.named_modules())
+    folder = out / "sequential/mera-10/stage_2_point"
+    model = load_stage(assets, folder)
+    folds = [f for stage in ckpt.chain(folder) for f in ckpt.load_folds(stage)]
+    assert [c for _, c in folds] == [1.0, 0.5]
+    n = 0
+    for name, m in model.llm.named_modules():
+        if name not in folds[0][0].modules:
+            continue
+        assert torch.equal(m.weight, base[name].weight)  # bfloat16 weights untouched
+        want = sum(lora_delta(d.modules[name]["A"], d.modules[name]["B"], d.modules[name]["scaling"] * c)
+                   for d, c in folds)
+        assert torch.allclose(branches.merged_update(m), want, rtol=1e-6, atol=1e-9), name
+        n += 1
+    assert n > 0
+    # the rebuilt stage (branches replayed) gives the run's own predictions
+    saved = [json.loads(line) for line in (folder / "predictions.jsonl").read_text().splitlines()]
+    for mod in ("image", "point"):
+        preds = [p for samples in (assets.sets[mod].caption_test, assets.sets[mod].qa_test)
+                 for p in generate_answers(model, assets.tokenizer, samples, assets.provider, 9, MAX_NEW,
+                                           progress=False)]
+        assert preds == [p["prediction"] for p in saved if p["modality"] == mod], mod
+    # export bakes the branches into the weights, rounded once
+    export_stage(folder, tmp_path / "export", config_dir=cfg_path.parent)
+    from transformers import AutoModelForCausalLM
+
+    exported = dict(AutoModelForCausalLM.from_pretrained(tmp_path / "export" / "llm", local_files_only=True,
+                                                         dtype=torch.bfloat16).named_modules())
+    for name in folds[0][0].modules:
+        m = dict(model.llm.named_modules())[name]
+        assert torch.equal(exported[name].weight, (base[name].weight.float() + branches.merged_update(m)).to(
+            torch.bfloat16)), name

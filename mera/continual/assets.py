@@ -68,6 +68,10 @@ class Assets:
         except (OSError, ValueError, SafetensorError) as e:
             raise CheckpointError(f"{self.llm_path}: cannot load the language model ({e})") from None
         llm.requires_grad_(False)
+        if self.cfg.model.folds == "branches":
+            from mera.train import branches
+
+            branches.enable(llm)
         return MultimodalLM(llm.to(self.device), self.tokenizer)
 
     def new_connector(self, model, modality: str):

@@ -50,6 +50,9 @@ class ModelConfig(StrictModel):
     llm: str = "zoo:llm"
     tokenizer: str | None = None  # defaults to the llm folder
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    # how a stage's LoRA delta is folded into the LLM: into the weights (rounded once to ``dtype``),
+    # or kept as frozen fp32 low-rank branches until export (exact in any dtype; mera.train.branches)
+    folds: Literal["weights", "branches"] = "weights"
     branches: dict[str, BranchConfig]
 
     @field_validator("llm", "tokenizer")

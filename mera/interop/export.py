@@ -110,6 +110,9 @@ def export_stage(stage_dir: str | os.PathLike, out_dir: str | os.PathLike, *, co
 
     assets = assets or assets_for(run_dir, config_dir)
     model = load_stage(assets, stage)
+    from mera.train.branches import bake
+
+    bake(model.llm)  # folds kept as branches (model.folds: branches) go into the weights, rounded once
     cfg = assets.cfg
     with atomic_dir(out) as tmp:
         model.llm.save_pretrained(str(tmp / "llm"))

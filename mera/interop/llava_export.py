@@ -141,6 +141,9 @@ def export_llava(stage: Path, out: Path, manifest: dict, run_dir: Path, *, confi
     _prepare_out(out, force, "exported model", stage, existing_manifest(out), EXPORT_FORMAT)
     assets = assets or assets_for(run_dir, config_dir)
     model = load_stage(assets, stage)  # the base LLM with every fold of the chain applied
+    from mera.train.branches import bake
+
+    bake(model.llm)  # folds kept as branches (model.folds: branches) go into the weights, rounded once
     enc, conn = _check_loaded(stage, model)
     llm = model.llm
     dtype = llm.get_input_embeddings().weight.dtype

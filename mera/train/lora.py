@@ -14,6 +14,7 @@ from pydantic import Field
 
 from mera.config.base import StrictModel
 from mera.faults import fault_point
+from mera.train import branches
 from mera.train.precision import add_to_weight
 
 
@@ -104,10 +105,14 @@ def detach_lora(peft_model):
 def fold_lora(llm, delta: LoraDelta, coef: float) -> None:
     """``W += coef * scaling * B @ A`` for every module of ``delta`` (in place, no copy of the LLM)."""
     modules = dict(llm.named_modules())
+    as_branches = branches.enabled(llm)  # model.folds: branches (exact in any dtype; mera.train.branches)
     for k, (name, d) in enumerate(delta.items()):
         if name not in modules:
             raise KeyError(f"LoRA delta names a module the LLM does not have: {name}")
-        fold_delta(modules[name].weight, d["A"], d["B"], d["scaling"], coef)
+        if as_branches:
+            branches.add(modules[name], d["A"], d["B"], d["scaling"] * coef)
+        else:
+            fold_delta(modules[name].weight, d["A"], d["B"], d["scaling"], coef)
         if k == len(delta) // 2:
             fault_point("merge")
 
