@@ -81,6 +81,16 @@ def test_the_paper_config_is_planned_from_config_files_alone(paper_models):
     assert instruct["trainable"] == {"connectors": image["connector_params"], "LoRA": LORA_R128}
 
 
+def test_folds_as_branches_trade_the_cpu_master_for_gpu_branches(paper_models):
+    cfg = load_config(REPO / "configs/paper/mera_sequential.yaml",
+                      [f"paths.models={paper_models}", "paths.data=/nonexistent", "model.folds=branches"], RunConfig)
+    p = plan(cfg, REPO / "configs/paper", Preset("single", "single", 1))
+    assert p["cpu_master_copy_bytes"] == 0
+    assert p["fold_branch_bytes_per_stage"] == 4 * LORA_R128  # one fp32 r128 pair per adapted layer: 1.34 GB
+    assert p["fold_branch_stages"] == 4
+    assert paper_plan(paper_models)["fold_branch_bytes_per_stage"] == 0  # folds: weights (the default)
+
+
 def test_the_activation_formula_by_hand_for_llama3_8b(paper_models):
     p = paper_plan(paper_models)
     t = p["per_token_activation_bytes"]

@@ -222,7 +222,9 @@ def plan(cfg, config_dir: str | Path, preset: Preset, text_tokens: int = 128, de
         return (orders.index(o) + 1 if o in orders else 0, stage, ("align", "instruct", "realign").index(ph.phase),
                 min((names.index(x) for x in ph.methods if x in names), default=-1))
 
-    cpu_master = 4 * s.target_weight_params if cfg.model.dtype != "float32" else 0
+    as_branches = cfg.model.folds == "branches"  # folds kept as fp32 branches: no master copies
+    cpu_master = 4 * s.target_weight_params if cfg.model.dtype != "float32" and not as_branches else 0
+    folds = max((len(o) for o in cfg.orders.values()), default=1)
     return {
         "config": cfg.name,
         "preset": asdict(preset),
@@ -239,6 +241,9 @@ def plan(cfg, config_dir: str | Path, preset: Preset, text_tokens: int = 128, de
             "branches": {m: asdict(b) for m, b in s.branches.items()},
         },
         "cpu_master_copy_bytes": cpu_master,
+        # model.folds: branches: one fp32 LoRA pair per adapted module and fold, on every GPU
+        "fold_branch_bytes_per_stage": 4 * s.lora_params if as_branches else 0,
+        "fold_branch_stages": folds if as_branches else 0,
         "per_token_activation_bytes": {
             "block": layer_bytes(s, mask_bytes)[0], "lora_per_block": layer_bytes(s, mask_bytes)[1],
             "checkpointing": token_bytes(s, lora=1, checkpointing=True, mask_bytes=mask_bytes),
@@ -288,6 +293,11 @@ def render(p: dict) -> str:
     if p["cpu_master_copy_bytes"]:
         lines.append(f"  CPU: fp32 master copies of the adapted weights (exact folds, docs/merging_precision.md): "
                      f"{_g(p['cpu_master_copy_bytes'])} GiB per process")
+    if p["fold_branch_bytes_per_stage"]:
+        lines.append(f"  GPU: fold branches (model.folds: branches, docs/merging_precision.md): "
+                     f"{_g(p['fold_branch_bytes_per_stage'])} GiB per folded stage, "
+                     f"{_g(p['fold_branch_bytes_per_stage'] * p['fold_branch_stages'])} GiB at stage "
+                     f"{p['fold_branch_stages']} (not in the peaks below)")
     head = (f"{'phase':30s} {'methods':26s} {'samples':>8s} {'steps':>7s} {'tok':>5s} {'mb/GPU':>6s} "
             f"{'trainable':>10s} {'frozen':>8s} | GiB per GPU: {'weights':>7s} {'grads':>6s} {'AdamW':>6s} "
             f"{'extra':>6s} {'act GC':>7s} {'act':>7s} {'peak':>7s}")
