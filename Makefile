@@ -23,11 +23,11 @@ demo: $(STAMP)
 
 # ruff, the layer contract (lint-imports, pyproject.toml) and the whole suite
 test: lint
-	$(BIN)/python -m pytest
+	$(BIN)/python -m pytest -n 2 --dist loadfile --durations=15
 
 # the inner loop: lint and the tests that do not train a run (about 90 s)
 test-fast: lint
-	$(BIN)/python -m pytest -m "not slow"
+	$(BIN)/python -m pytest -n 2 --dist loadfile -m "not slow"
 
 lint: $(STAMP)
 	$(BIN)/ruff check .
