@@ -245,17 +245,24 @@ def test_loaded_stage_reproduces_the_saved_predictions(real_run):
             assert preds == want, (stage, m)
 
 
-def test_a_bfloat16_stage_holds_its_folds_rounded_once(real_run):
-    """MERA's stage 2 on the bfloat16 Llama: every adapted weight is the base weight plus the
-    expert's delta (1) and stage 2's (1/2), summed in fp32 and rounded to bfloat16 once
-    (mera.train.precision), not rounded after each fold as before."""
-    cfg_path, cfg, out = real_run
+def _mera_stage_2(run):
+    """MERA (10%)'s stage 2 of ``run`` rebuilt (load_stage), with the base LLM's modules and the
+    chain's folds (the expert's delta at 1, stage 2's at 1/2)."""
+    cfg_path, cfg, out = run
     assets = load_assets(cfg, cfg_path.parent, judge=False)
     base = dict(assets.base_model().llm.named_modules())
     folder = out / "sequential/mera-10/stage_2_point"
     model = load_stage(assets, folder)
     folds = [f for stage in ckpt.chain(folder) for f in ckpt.load_folds(stage)]
     assert [c for _, c in folds] == [1.0, 0.5]
+    return assets, base, folder, model, folds
+
+
+def test_a_bfloat16_stage_holds_its_folds_rounded_once(real_run):
+    """MERA's stage 2 on the bfloat16 Llama: every adapted weight is the base weight plus the
+    expert's delta (1) and stage 2's (1/2), summed in fp32 and rounded to bfloat16 once
+    (mera.train.precision), not rounded after each fold as before."""
+    assets, base, folder, model, folds = _mera_stage_2(real_run)
     from mera.train.lora import lora_delta
 
     def update(delta, coef, name):  # what the fold adds (mera.train.lora.fold_delta)
@@ -301,13 +308,8 @@ def test_folds_kept_as_branches_train_evaluate_rebuild_and_export_exactly(branch
     from mera.train import branches
     from mera.train.lora import lora_delta
 
-    cfg_path, cfg, out = branch_run
-    assets = load_assets(cfg, cfg_path.parent, judge=False)
-    base = dict(assets.base_model().llm.named_modules())
-    folder = out / "sequential/mera-10/stage_2_point"
-    model = load_stage(assets, folder)
-    folds = [f for stage in ckpt.chain(folder) for f in ckpt.load_folds(stage)]
-    assert [c for _, c in folds] == [1.0, 0.5]
+    cfg_path = branch_run[0]
+    assets, base, folder, model, folds = _mera_stage_2(branch_run)
     n = 0
     for name, m in model.llm.named_modules():
         if name not in folds[0][0].modules:
