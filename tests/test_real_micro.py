@@ -120,17 +120,26 @@ def micro_config(assets: Path, tmp_path: Path) -> Path:
     return path
 
 
-@pytest.fixture(scope="module")
-def real_run(assets, tmp_path_factory):
-    tmp = tmp_path_factory.mktemp("real_run")
+def _micro_run(assets, tmp_path_factory, name: str, edit=None):
+    """The real micro config run to its end in a fresh MERA_HOME (``edit`` changes the raw config)."""
+    tmp = tmp_path_factory.mktemp(name)
     mp = pytest.MonkeyPatch()
     mp.setenv("MERA_HOME", str(tmp / "home"))
     cfg_path = micro_config(assets, tmp)
+    if edit is not None:
+        raw = yaml.safe_load(cfg_path.read_text())
+        edit(raw)
+        cfg_path.write_text(yaml.safe_dump(raw))
     cfg = load_config(cfg_path, [], RunConfig)
     out = tmp / "out"
     StageLoop(cfg, out, config_dir=tmp, progress=False, log=lambda m: None).run()
     yield cfg_path, cfg, out
     mp.undo()
+
+
+@pytest.fixture(scope="module")
+def real_run(assets, tmp_path_factory):
+    yield from _micro_run(assets, tmp_path_factory, "real_run")
 
 
 def _rows(out: Path) -> list[dict]:
@@ -287,19 +296,11 @@ def test_a_bfloat16_stage_holds_its_folds_rounded_once(real_run):
 @pytest.fixture(scope="module")
 def branch_run(assets, tmp_path_factory):
     """MERA (10%) on the bfloat16 Llama with ``model.folds: branches`` (folds kept as fp32 branches)."""
-    tmp = tmp_path_factory.mktemp("branch_run")
-    mp = pytest.MonkeyPatch()
-    mp.setenv("MERA_HOME", str(tmp / "home"))
-    cfg_path = micro_config(assets, tmp)
-    raw = yaml.safe_load(cfg_path.read_text())
-    raw["model"]["folds"] = "branches"
-    raw["methods"] = raw["methods"][1:]
-    cfg_path.write_text(yaml.safe_dump(raw))
-    cfg = load_config(cfg_path, [], RunConfig)
-    out = tmp / "out"
-    StageLoop(cfg, out, config_dir=tmp, progress=False, log=lambda m: None).run()
-    yield cfg_path, cfg, out
-    mp.undo()
+    def edit(raw):
+        raw["model"]["folds"] = "branches"
+        raw["methods"] = raw["methods"][1:]
+
+    yield from _micro_run(assets, tmp_path_factory, "branch_run", edit)
 
 
 def test_folds_kept_as_branches_train_evaluate_rebuild_and_export_exactly(branch_run, tmp_path):
