@@ -40,6 +40,7 @@ bench: $(STAMP)
 	$(BIN)/python benchmarks/sharing_bench.py
 	$(BIN)/python benchmarks/judge_cache_bench.py
 	$(BIN)/python benchmarks/merge_precision.py
+	$(BIN)/python benchmarks/peak_memory_bench.py
 
 clean-venv:
 	rm -rf $(VENV)
