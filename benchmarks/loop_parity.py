@@ -1,6 +1,6 @@
 """mera's training loop against a minimal PyTorch + PEFT loop, on the very same batches.
 
-    python benchmarks/loop_parity.py [--reps 10] [--modality image] [--epochs 2]
+    python benchmarks/loop_parity.py [--reps 20] [--modality image] [--epochs 2]
 
 The toy demo's instruct phase of one modality (step B: the new connector and a fresh LoRA on its
 captions + QA, train.instruct's recipe): mera's ``train_phase`` as a run calls it (data set,
@@ -111,7 +111,7 @@ def plain_loop(cfg, model, groups, batches, seed: int) -> float:
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--reps", type=int, default=10)
+    ap.add_argument("--reps", type=int, default=20)
     ap.add_argument("--modality", default="image")
     args = ap.parse_args()
     import subprocess
