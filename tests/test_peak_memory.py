@@ -3,6 +3,8 @@ included, and the sampling fallback where the mark cannot be reset."""
 
 from __future__ import annotations
 
+import mmap
+
 import pytest
 
 from mera.eval import profile
@@ -14,10 +16,11 @@ pytestmark = pytest.mark.skipif(profile._hwm_bytes() is None or not profile._res
                                 reason="needs Linux's VmHWM and a writable /proc/self/clear_refs")
 
 
-def touch(mib: int) -> bytearray:
-    """``mib`` MiB resident: a buffer with every page written."""
-    b = bytearray(mib * MIB)
-    for i in range(0, len(b), 4096):
+def touch(mib: int) -> mmap.mmap:
+    """``mib`` MiB resident: fresh anonymous pages, every one written (an mmap of its own, so that
+    memory the process freed earlier and still holds cannot serve it); ``del`` gives them back."""
+    b = mmap.mmap(-1, mib * MIB)
+    for i in range(0, mib * MIB, mmap.PAGESIZE):
         b[i] = 1
     return b
 

@@ -373,19 +373,16 @@ class StageLoop:
         scores = self.dir.assemble_scores()
         self.dir.assemble_metrics()
         self.log(f"all stages done in {time.perf_counter() - t0:.1f}s; scores: {scores}")
-        t1 = time.perf_counter()
+        t1 = time.perf_counter()  # the run's end has costs of its own: the log says what they were
         self.profile_finals()
-        if time.perf_counter() - t1 >= 1.0:  # the run's end has its own costs: say where its time goes
-            self.log(f"final models profiled in {time.perf_counter() - t1:.1f}s")
         eff = self.dir.efficiency()
         write_text(self.out / "efficiency.json", json.dumps(eff, indent=2) + "\n")
-        t1 = time.perf_counter()
         try:
             from mera.continual.gallery import gallery_or_reason
 
             gallery = gallery_or_reason(self.out, self.cfg, self.base_assets.sets)
             write_report([str(scores)], str(self.out), efficiency=eff, gallery=gallery)
-            self.log(f"report written in {time.perf_counter() - t1:.1f}s")
+            self.log(f"final models profiled and report written in {time.perf_counter() - t1:.1f}s")
         except MeraError as e:  # e.g. an expert scored 0: relative gains are undefined; scores stay
             self.log(f"no report: {e}")
         return scores
