@@ -223,16 +223,9 @@ def test_the_command_prints_a_table_and_json(paper_models, capsys):
 # ----------------------------------------------------------------- the estimate against measurements
 @pytest.fixture(scope="module")
 def real_assets(tmp_path_factory):
-    from test_real_micro import _save_tiny_clip, _save_tiny_llama
+    from test_real_micro import save_real_assets
 
-    from mera.data.toy_world import vocabulary
-    from mera.zoo.tokenizer import build_tokenizer
-
-    root = tmp_path_factory.mktemp("plan_assets")
-    tok = build_tokenizer(vocabulary(), root / "tokenizer")
-    _save_tiny_llama(tok, root / "llm")
-    _save_tiny_clip(root / "clip")
-    return root
+    return save_real_assets(tmp_path_factory.mktemp("plan_assets"), point_bert=False)
 
 
 def _peak_increment(fn, folder: Path) -> int:

@@ -71,17 +71,22 @@ def _save_tiny_point_bert(folder: Path) -> None:
     torch.save({"epoch": 1, "state_dict": state}, folder / "point_bert_v1.2.pt")
 
 
-@pytest.fixture(scope="module")
-def assets(tmp_path_factory):
+def save_real_assets(root: Path, point_bert: bool = True) -> Path:
+    """The tiny real-architecture checkpoints in ``root``: tokenizer, llm, clip (and point_bert)."""
     from mera.data.toy_world import vocabulary
     from mera.zoo.tokenizer import build_tokenizer
 
-    root = tmp_path_factory.mktemp("real_assets")
     tok = build_tokenizer(vocabulary(), root / "tokenizer")
     _save_tiny_llama(tok, root / "llm")
     _save_tiny_clip(root / "clip")
-    _save_tiny_point_bert(root / "point_bert")
+    if point_bert:
+        _save_tiny_point_bert(root / "point_bert")
     return root
+
+
+@pytest.fixture(scope="module")
+def assets(tmp_path_factory):
+    return save_real_assets(tmp_path_factory.mktemp("real_assets"))
 
 
 def micro_config(assets: Path, tmp_path: Path) -> Path:

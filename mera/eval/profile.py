@@ -5,8 +5,8 @@ Peak memory: on a GPU, ``torch.cuda.max_memory_allocated`` over the block (exact
 paper reports); on a CPU, the process's peak resident set size over the block: Linux's own
 high-water mark (``VmHWM`` of ``/proc/self/status``, reset at the block's start by writing 5 to
 ``/proc/self/clear_refs``: exact, and nothing runs meanwhile), else the resident set sampled
-every few milliseconds by a background thread (``/proc/self/statm``; it costs the block ~2% of
-its speed and can miss a short peak), else the process's lifetime ``ru_maxrss``. CPU figures
+every few milliseconds by a background thread (``/proc/self/statm``; it can miss a short
+peak), else the process's lifetime ``ru_maxrss``. CPU figures
 therefore include the Python process and its libraries, not just the model: compare them
 between methods of the same run, not with the paper's GPU figures.
 """
@@ -77,13 +77,10 @@ class PeakMemory:
             self._stop.wait(self.interval)
 
     def __enter__(self):
-        self._hwm = False
         if self.kind == "cuda":
             torch.cuda.synchronize(self.device)
             torch.cuda.reset_peak_memory_stats(self.device)
-        elif _hwm_bytes() is not None and self._enter_hwm():
-            pass
-        elif _rss_bytes() is not None:
+        elif not self._enter_hwm() and _rss_bytes() is not None:
             self.peak = _rss_bytes() or 0
             self._thread = threading.Thread(target=self._sample, daemon=True)
             self._thread.start()
@@ -108,10 +105,12 @@ class PeakMemory:
 
     def _enter_hwm(self) -> bool:
         """Start the block on the kernel's high-water mark. Resetting it ends the count of the
-        blocks already open, so their peak so far is kept in their ``peak`` first."""
+        blocks already open, so their peak so far is kept in their ``peak`` first. False: no
+        resettable mark here (then the caller samples)."""
+        self._hwm = False
         with _HWM_LOCK:
-            before = _hwm_bytes() or 0
-            if not _reset_hwm():
+            before = _hwm_bytes()
+            if before is None or not _reset_hwm():
                 return False
             for outer in _HWM_OPEN:
                 outer.peak = max(outer.peak, before)
