@@ -29,7 +29,7 @@ ROOT = Path(__file__).resolve().parent.parent
 def setup(modality: str):
     from mera.config import load_config
     from mera.continual.assets import load_assets, seed_for
-    from mera.continual.run_config import RunConfig
+    from mera.runner.run_config import RunConfig
     from mera.train.lora import attach_lora, lora_parameters
 
     cfg = load_config(ROOT / "configs/toy/demo.yaml", [], RunConfig)

@@ -44,10 +44,10 @@ def score(method: str, i: int, m: str, task: str, seed: int) -> float:
 def fake_run(root: Path, seeds: list[int] | None = None, training_log: bool = True) -> Path:
     """The run directory ``root/run`` (its data in ``root/world``)."""
     from mera.config import load_config
-    from mera.continual.run_config import RunConfig
-    from mera.continual.rundir import RunDir
     from mera.data.toy_world import ToyWorldConfig, write_world
     from mera.eval.metrics import format_rows
+    from mera.runner.run_config import RunConfig
+    from mera.runner.rundir import RunDir
 
     world = write_world(root / "world", ToyWorldConfig(n_train_caption=1, n_train_qa=1, n_test_caption=N_TEST,
                                                        n_test_qa=N_TEST, n_val_caption=1, n_val_qa=1))

@@ -89,7 +89,7 @@ def test_cli_bad_config_is_one_line_nonzero(tmp_path):
 
 def test_paths_are_substituted_and_overridable(tmp_path):
     from mera.config import load_config
-    from mera.continual.run_config import RunConfig
+    from mera.runner.run_config import RunConfig
 
     cfg_file = tmp_path / "c.yaml"
     cfg_file.write_text(

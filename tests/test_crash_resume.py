@@ -10,8 +10,8 @@ import pytest
 from micro import micro_config  # noqa: E402
 
 from mera.config import load_config
-from mera.continual.loop import StageLoop
-from mera.continual.run_config import RunConfig
+from mera.runner.loop import StageLoop
+from mera.runner.run_config import RunConfig
 
 pytestmark = pytest.mark.slow
 

@@ -10,9 +10,9 @@ from micro import micro_config
 
 from mera.config import load_config
 from mera.continual import checkpoint as ckpt
-from mera.continual.loop import StageLoop
-from mera.continual.run_config import RunConfig
 from mera.continual.strategies.ewc import EWC, EWCParams, sequence_nll
+from mera.runner.loop import StageLoop
+from mera.runner.run_config import RunConfig
 
 
 def test_online_accumulation_is_gamma_times_the_old_fisher_plus_the_new(monkeypatch):

@@ -255,7 +255,8 @@ def test_the_loop_passes_the_gallery_and_profile_too():
     only callers of write_report outside mera.eval)."""
     import inspect
 
-    from mera.continual import loop, profile_run
+    from mera.runner import loop
+    from mera.runner import profile as profile_run
 
     assert "gallery=gallery" in inspect.getsource(loop.StageLoop.finish)
     assert "gallery=gallery_or_reason(run, cfg, assets.sets)" in inspect.getsource(profile_run.profile_run)

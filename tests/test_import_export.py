@@ -254,9 +254,9 @@ def micro_run(base: Path) -> dict:
     Built once under ``base`` (a session folder) and reused by test_generate.py; MERA_HOME must
     point to ``base / "home"``."""
     from mera.config import load_config
-    from mera.continual.loop import StageLoop
-    from mera.continual.run_config import RunConfig
     from mera.model.encoders.toy import build_toy_encoder, save_toy_encoder
+    from mera.runner.loop import StageLoop
+    from mera.runner.run_config import RunConfig
 
     ready = base / "READY.json"
     if ready.is_file():

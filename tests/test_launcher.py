@@ -12,10 +12,10 @@ import yaml
 from micro import micro_config
 
 from mera.config import load_config
-from mera.continual.launch import Launcher, describe_jobs, plan_jobs, require_experts, select_units
-from mera.continual.run_config import RunConfig
-from mera.continual.rundir import RunDir, Unit
 from mera.errors import ConfigError, MeraError
+from mera.runner.launch import Launcher, describe_jobs, plan_jobs, require_experts, select_units
+from mera.runner.run_config import RunConfig
+from mera.runner.rundir import RunDir, Unit
 
 METHODS = [{"name": "Fine-Tuning", "strategies": ["finetune"]},
            {"name": "Replay (10%)", "strategies": ["replay"], "replay_ratio": 0.1}]
@@ -277,7 +277,7 @@ def test_the_detach_job_writes_the_scores_and_the_report(reference, tmp_path):
     run directory, as `mera run` writes them."""
     import time
 
-    from mera.continual.launch import FinishJob
+    from mera.runner.launch import FinishJob
 
     path, one = reference
     copy = tmp_path / "copy"

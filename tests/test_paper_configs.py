@@ -12,8 +12,8 @@ import pytest
 import yaml
 
 from mera.config import dump_config, load_config
-from mera.continual.run_config import RunConfig, TrainConfig
 from mera.data.convert import CONVERTERS
+from mera.runner.run_config import RunConfig, TrainConfig
 
 ROOT = Path(__file__).resolve().parent.parent
 PAPER = ROOT / "configs" / "paper"

@@ -10,9 +10,9 @@ import yaml
 
 from mera.cli import main
 from mera.config import load_config
-from mera.continual.plan import plan
-from mera.continual.run_config import RunConfig
 from mera.errors import ConfigError
+from mera.runner.plan import plan
+from mera.runner.run_config import RunConfig
 from mera.train.plan import Phase, Preset, Shapes, layer_bytes, memory_per_gpu, optimizer_steps, read_preset, token_bytes
 
 REPO = Path(__file__).resolve().parents[1]

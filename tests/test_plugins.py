@@ -14,8 +14,8 @@ from mera.config import dump_config, load_config, registry
 from mera.continual import checkpoint as ckpt
 from mera.continual.deltas import Delta
 from mera.continual.methods import MethodConfig, build_method
-from mera.continual.run_config import RunConfig
 from mera.errors import CheckpointError, ConfigError
+from mera.runner.run_config import RunConfig
 from mera.train.lora import LoraSettings, attach_lora, detach_lora, extract_lora
 
 

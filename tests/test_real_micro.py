@@ -20,9 +20,9 @@ import yaml
 from mera.config import load_config
 from mera.continual import checkpoint as ckpt
 from mera.continual.assets import load_assets
-from mera.continual.loop import StageLoop
-from mera.continual.run_config import RunConfig
 from mera.continual.stages import load_stage
+from mera.runner.loop import StageLoop
+from mera.runner.run_config import RunConfig
 
 pytestmark = pytest.mark.slow
 

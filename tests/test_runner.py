@@ -15,11 +15,11 @@ from micro import micro_config  # noqa: E402
 from mera.config import load_config
 from mera.continual import checkpoint as ckpt
 from mera.continual.assets import load_assets
-from mera.continual.loop import StageLoop
-from mera.continual.run_config import RunConfig
-from mera.continual.rundir import RunDir
 from mera.continual.stages import load_stage
 from mera.errors import ConfigError, MeraError
+from mera.runner.loop import StageLoop
+from mera.runner.run_config import RunConfig
+from mera.runner.rundir import RunDir
 
 pytestmark = pytest.mark.slow
 
@@ -339,7 +339,7 @@ def test_paper_grid_dry_run_lists_exactly_the_grid(tmp_path):
 
 
 def test_profile_command_refreshes_the_efficiency_table(micro_run, tmp_path):
-    from mera.continual.profile_run import profile_run
+    from mera.runner.profile import profile_run
 
     cfg_path, cfg, out = micro_run
     copy = tmp_path / "copy"
@@ -355,7 +355,7 @@ def test_profile_command_refreshes_the_efficiency_table(micro_run, tmp_path):
 
 
 def test_gradient_checkpointing_gives_the_same_training(micro_run):
-    from mera.continual.run_config import PhaseConfig
+    from mera.runner.run_config import PhaseConfig
 
     cfg_path, cfg, out = micro_run
     results = []

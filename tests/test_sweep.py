@@ -10,10 +10,10 @@ from micro import micro_config
 
 from mera.cli import main
 from mera.config import load_config
-from mera.continual.run_config import RunConfig
-from mera.continual.sweep import SweepParam, analyse, format_markdown, parse_values, plan_sweep
 from mera.errors import ConfigError
 from mera.eval.metrics import format_rows
+from mera.runner.run_config import RunConfig
+from mera.runner.sweep import SweepParam, analyse, format_markdown, parse_values, plan_sweep
 
 SMALL_VAL = ["data.toy.n_val_caption=8", "data.toy.n_val_qa=16"]
 

@@ -24,9 +24,9 @@ from torch import nn
 from mera import faults
 from mera.config import load_config
 from mera.continual import checkpoint as ckpt
-from mera.continual.loop import StageLoop
-from mera.continual.run_config import RunConfig
 from mera.errors import ConfigError
+from mera.runner.loop import StageLoop
+from mera.runner.run_config import RunConfig
 from mera.train.loop import StepCheckpoint, train_phase
 
 METHODS = [{"name": "Fine-Tuning", "strategies": ["finetune"]},
@@ -369,7 +369,7 @@ def test_two_workers_show_progress_and_profile_after_the_pool(tele_run, micro_as
 def test_progress_board_renders_workers_and_the_overall_line():
     from rich.console import Console
 
-    from mera.continual.progress import Board, LiveDisplay, PlainDisplay
+    from mera.runner.progress import Board, LiveDisplay, PlainDisplay
 
     now = [100.0]
     board = Board({"expert image": 1.0, "expert point": 1.0, "sequential / Fine-Tuning + MERA (10%)": 2.0},
@@ -412,7 +412,7 @@ def test_progress_board_renders_workers_and_the_overall_line():
 
 def test_report_to_names_are_checked(monkeypatch):
     from mera.config import validate
-    from mera.continual import telemetry
+    from mera.runner import telemetry
 
     base = {"model": {"branches": {"image": {"encoder": {"family": "toy_image"}}}},
             "data": {"toy": {}}, "orders": {"o": ["image"]}, "methods": [{"name": "FT", "strategies": ["finetune"]}]}

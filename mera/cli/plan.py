@@ -1,7 +1,7 @@
 """``mera plan CONFIG [key=value ...] [--preset P] [--gpus N] [--text-tokens T] [--json]``: for every phase
 of a config, the parameters (trainable and frozen), the memory per GPU and the optimizer steps,
 from the models' configs alone (meta device: no weights read, no GPU). The work:
-:mod:`mera.continual.plan` (the run's phases) and :mod:`mera.train.plan` (models on the meta device,
+:mod:`mera.runner.plan` (the run's phases) and :mod:`mera.train.plan` (models on the meta device,
 formulas); docs/plan.md."""
 
 from __future__ import annotations
@@ -31,9 +31,9 @@ def run(args) -> int:
     import json
 
     from mera.config import load_config
-    from mera.continual.plan import plan, render
-    from mera.continual.run_config import RunConfig
     from mera.errors import ConfigError
+    from mera.runner.plan import plan, render
+    from mera.runner.run_config import RunConfig
     from mera.train.plan import read_preset
 
     if args.text_tokens < 0:

@@ -1,5 +1,5 @@
 """``mera profile RUN_DIR``: every method's inference cost measured again, quietly, and the run's
-efficiency table and report refreshed (the work: :func:`mera.continual.profile_run.profile_run`)."""
+efficiency table and report refreshed (the work: :func:`mera.runner.profile.profile_run`)."""
 
 from __future__ import annotations
 
@@ -17,7 +17,7 @@ def add_parser(subparsers) -> None:
 
 
 def run(args) -> int:
-    from mera.continual.profile_run import profile_run
+    from mera.runner.profile import profile_run
 
     out = profile_run(args.run_dir, args.rounds, args.config_dir)
     width = max(len(k) for k in out)

@@ -23,11 +23,11 @@ def gallery_for(scores: list[str], config_dir: str | None = None):
     if run is None:
         return None
     from mera.config import load_config
-    from mera.continual.gallery import gallery_of_run
-    from mera.continual.run_config import RunConfig
     from mera.errors import MeraError
     from mera.eval.gallery import Gallery
     from mera.interop.export import guess_config_dir
+    from mera.runner.gallery import gallery_of_run
+    from mera.runner.run_config import RunConfig
 
     try:
         cfg = load_config(run / "config.yaml", [], RunConfig)

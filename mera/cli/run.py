@@ -33,8 +33,8 @@ def add_parser(subparsers):
 
 def run(args) -> int:
     from mera.config import load_config
-    from mera.continual.run_config import RunConfig
     from mera.errors import ConfigError
+    from mera.runner.run_config import RunConfig
 
     cfg = load_config(args.config, args.overrides, RunConfig)
     out = Path(args.out or Path("runs") / cfg.name)
@@ -46,12 +46,12 @@ def run(args) -> int:
         raise ConfigError("--detach goes with --launcher submitit")
     only = None
     if args.only:
-        from mera.continual.launch import select_units
+        from mera.runner.launch import select_units
 
         only = select_units(cfg, args.only, source=args.config)
         args.resume = True  # a unit chosen by hand belongs to a run: continue it (or start it)
     if args.dry_run:
-        from mera.continual.rundir import RunDir
+        from mera.runner.rundir import RunDir
 
         rd = RunDir(out, cfg)
         plan = rd.plan()
@@ -80,7 +80,7 @@ def run(args) -> int:
             for u in only:
                 print(f"  {u.name(cfg)}")
         if args.launcher:
-            from mera.continual.launch import describe_jobs
+            from mera.runner.launch import describe_jobs
 
             print("\n".join(describe_jobs(cfg, out, only if only is not None else rd.units(), args.detach)))
         n = len(cfg.run_seeds)
@@ -93,7 +93,7 @@ def run(args) -> int:
         if scores is None:  # --detach: the jobs write the scores and the report
             return 0
     else:
-        from mera.continual.loop import StageLoop
+        from mera.runner.loop import StageLoop
 
         # on a terminal: progress bars with one process; with --workers, a live board of the workers
         loop = StageLoop(cfg, out, config_dir=Path(args.config).resolve().parent, resume=args.resume,
@@ -111,12 +111,12 @@ def run(args) -> int:
 
 def _launch(cfg, out: Path, config_dir: Path, resume: bool, only, detach: bool):
     """``--launcher submitit``: check the run directory and the config's files here (as ``mera run``
-    does, before anything is written), then submit the units as jobs (mera.continual.launch)."""
+    does, before anything is written), then submit the units as jobs (mera.runner.launch)."""
     from mera import dist
     from mera.continual.assets import load_assets
-    from mera.continual.launch import Launcher, require_experts
-    from mera.continual.rundir import RunDir
     from mera.errors import ConfigError
+    from mera.runner.launch import Launcher, require_experts
+    from mera.runner.rundir import RunDir
 
     if dist.world_size() > 1:
         raise ConfigError("--launcher submitit starts its own processes; run it once, not under torchrun / "

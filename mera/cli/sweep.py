@@ -1,5 +1,5 @@
 """``mera sweep CONFIG --method NAME --param KEY --values V1,V2,...``: choose a hyper-parameter of one
-method on the validation split (see mera.continual.sweep)."""
+method on the validation split (see mera.runner.sweep)."""
 
 from __future__ import annotations
 
@@ -35,10 +35,10 @@ def add_parser(subparsers):
 
 def run(args) -> int:
     from mera.config import load_config
-    from mera.continual.run_config import RunConfig
-    from mera.continual.rundir import slug
-    from mera.continual.sweep import SweepParam, format_markdown, parse_values, plan_sweep, run_sweep
     from mera.errors import ConfigError
+    from mera.runner.run_config import RunConfig
+    from mera.runner.rundir import slug
+    from mera.runner.sweep import SweepParam, format_markdown, parse_values, plan_sweep, run_sweep
 
     if len(args.param) != len(args.values):
         raise ConfigError(f"give one --values after each --param (got {len(args.param)} --param and "

@@ -120,7 +120,7 @@ class StepStore:
         """Record ``result`` (``changed``: the connectors the step changed, modality -> state; ``log``
         and ``tensors``: ctx's unless given; ``curve``: the step's phases, their losses, learning rates
         and gradient norms per optimizer step, so that a stage reusing it logs what it would have
-        trained: mera.continual.telemetry)."""
+        trained: mera.runner.telemetry)."""
         if self.root is None or key is None or not self.writer or self.get(key) is not None:
             return
         tmp = self.root / f".tmp-{uuid.uuid4().hex[:12]}"

@@ -67,7 +67,7 @@ def run_phase(assets: Assets, model, groups: list[dict], samples, phase: str, se
 
 def curve_entry(phase: str, res: PhaseResult) -> dict:
     """A trained phase's record in a stage's curve: its losses, learning rates and gradient norms,
-    one per optimizer step (mera.continual.telemetry turns them into metrics.jsonl lines)."""
+    one per optimizer step (mera.runner.telemetry turns them into metrics.jsonl lines)."""
     return {"phase": phase, "losses": list(res.losses), "lrs": list(res.lrs), "grad_norms": list(res.grad_norms)}
 
 

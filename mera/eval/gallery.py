@@ -2,7 +2,7 @@
 thumbnails, the reference answer and every method's prediction at every stage.
 
 The items and predictions are collected from a run directory by
-:func:`mera.continual.gallery.collect_gallery` (the layer that knows run directories and data
+:func:`mera.runner.gallery.collect_gallery` (the layer that knows run directories and data
 sets); this module holds what they are collected into (:class:`Gallery`) and draws each item's
 media as one small image (:func:`thumbnail`):
 

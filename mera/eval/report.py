@@ -609,7 +609,7 @@ def write_report(rows_or_paths, out_dir: str | os.PathLike, efficiency: dict | N
 
     ``rows_or_paths``: a list of :class:`ScoreRow`, or one or several scores CSV paths.
     ``gallery``: the page's :class:`~mera.eval.gallery.Gallery` (collected from the run directory
-    by :mod:`mera.continual.gallery`); None: the page says why it has none.
+    by :mod:`mera.runner.gallery`); None: the page says why it has none.
     """
     metrics, markdown, runs, sources = _build(rows_or_paths, efficiency)
     figures = render_figures(runs)

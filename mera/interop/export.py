@@ -68,7 +68,7 @@ def assets_for(run_dir: Path, config_dir=None, progress: bool = False, data: boo
     and use its stages (``data=True`` also loads its data sets; the judge is never built)."""
     from mera.config import load_config
     from mera.continual.assets import load_assets
-    from mera.continual.run_config import RunConfig
+    from mera.runner.run_config import RunConfig
 
     cfg = load_config(run_dir / "config.yaml", [], RunConfig)
     return load_assets(cfg, guess_config_dir(cfg, run_dir, config_dir), cache_dir=run_dir / ".features", data=data,

@@ -73,7 +73,7 @@ def _finished(run_dir: Path, rd) -> list[str]:  # rd: the run's RunDir
 
 def _run_config(run_dir: Path):
     from mera.config import load_config
-    from mera.continual.run_config import RunConfig
+    from mera.runner.run_config import RunConfig
 
     return load_config(run_dir / "config.yaml", [], RunConfig)
 
@@ -81,7 +81,7 @@ def _run_config(run_dir: Path):
 def stage_folder(run_dir: Path, stage: str | None = None, expert: str | None = None) -> Path:
     """The stage folder that ``--stage ORDER/METHOD[/I]`` or ``--expert M`` names in ``run_dir``."""
     from mera.continual import checkpoint as ckpt
-    from mera.continual.rundir import RunDir, slug
+    from mera.runner.rundir import RunDir, slug
 
     cfg = _run_config(run_dir)
     rd = RunDir(run_dir, cfg)

@@ -133,8 +133,8 @@ def export_llava(stage: Path, out: Path, manifest: dict, run_dir: Path, *, confi
     from transformers.models.llava.modeling_llava import LlavaMultiModalProjector
 
     from mera.config import load_config
-    from mera.continual.run_config import RunConfig
     from mera.continual.stages import load_stage
+    from mera.runner.run_config import RunConfig
 
     cfg = assets.cfg if assets is not None else load_config(run_dir / "config.yaml", [], RunConfig)
     _requirements(stage, manifest, cfg)

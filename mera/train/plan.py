@@ -3,7 +3,7 @@ models built on PyTorch's ``meta`` device (no weight read), their parameter coun
 activations a token costs (:func:`token_bytes`), the optimizer steps of a phase as
 :func:`mera.train.loop.train_phase` counts them, and the memory per GPU of a phase under a
 distributed preset (single GPU, DDP, FSDP). ``mera plan``
-(:mod:`mera.continual.plan`) lays a run config's phases out with them.
+(:mod:`mera.runner.plan`) lays a run config's phases out with them.
 """
 
 from __future__ import annotations

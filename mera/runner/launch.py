@@ -1,7 +1,7 @@
 """A run's units of work chosen by hand (``mera run --only``) or run as jobs of a cluster
 (``mera run --launcher submitit``): docs/launcher.md.
 
-A grid's units are independent (mera.continual.rundir.Unit): each seed's experts, then the (order,
+A grid's units are independent (mera.runner.rundir.Unit): each seed's experts, then the (order,
 method) chains of one family (methods whose stages train the same steps, run one after another so
 that the later ones reuse the first one's training). The launcher submits, through submitit:
 
@@ -33,8 +33,8 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from mera.continual.rundir import RunDir, Unit, slug
 from mera.errors import ConfigError, MeraError
+from mera.runner.rundir import RunDir, Unit, slug
 
 try:  # a job requeued after its time limit resumes (submitit calls checkpoint() on the signal)
     from submitit.helpers import Checkpointable as _Requeueable
@@ -177,7 +177,7 @@ class UnitJob(_Requeueable):
     def __call__(self, cfg, out: str, config_dir: str, units: list[Unit]) -> dict:
         t0 = time.perf_counter()
         _distributed_env()
-        from mera.continual.loop import StageLoop
+        from mera.runner.loop import StageLoop
 
         loop = StageLoop(cfg, out, config_dir=Path(config_dir), resume=True, progress=False)
         loop.setup()
@@ -203,7 +203,7 @@ def finish(cfg, out: Path, config_dir: Path, t0: float, assets=None, log=None) -
     report's gallery reads the evaluation sets, from ``assets`` (load_assets) or loaded here without the
     judge (nothing is trained or evaluated)."""
     from mera.continual.assets import load_assets
-    from mera.continual.loop import StageLoop
+    from mera.runner.loop import StageLoop
 
     loop = StageLoop(cfg, out, config_dir=config_dir, resume=True, progress=False, log=log)
     if assets is None:
@@ -234,7 +234,7 @@ class Launcher:
     """Submits the jobs of ``units`` to run in ``out`` and (unless ``detach``) waits for them."""
 
     def __init__(self, cfg, out: Path, config_dir: Path, *, log=None, poll_s: float | None = None, assets=None):
-        from mera.continual.run_config import LauncherConfig
+        from mera.runner.run_config import LauncherConfig
 
         self.assets = assets  # the config's assets, when the caller loaded them (for the report's gallery)
         self.cfg, self.out, self.config_dir = cfg, Path(out).absolute(), Path(config_dir).absolute()
@@ -351,7 +351,7 @@ class Launcher:
 
 def describe_jobs(cfg, out: Path, units: list[Unit], detach: bool = False) -> list[str]:
     """``--dry-run --launcher submitit``: the lines listing the jobs it would submit and their resources."""
-    from mera.continual.run_config import LauncherConfig
+    from mera.runner.run_config import LauncherConfig
 
     lc = cfg.launcher or LauncherConfig()
     rd = RunDir(out, cfg)

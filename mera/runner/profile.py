@@ -183,10 +183,10 @@ def profile_run(run_dir: str | Path, rounds: int = 3, config_dir: str | Path | N
     from mera.config import load_config
     from mera.continual import checkpoint as ckpt
     from mera.continual.assets import load_assets
-    from mera.continual.run_config import RunConfig
-    from mera.continual.rundir import RunDir
     from mera.continual.stages import load_stage
     from mera.eval.report import write_report
+    from mera.runner.run_config import RunConfig
+    from mera.runner.rundir import RunDir
 
     run = Path(run_dir)
     if not (run / "config.yaml").is_file():
@@ -218,7 +218,7 @@ def profile_run(run_dir: str | Path, rounds: int = 3, config_dir: str | Path | N
                                          "infer_profile": "mera profile, median of %d rounds" % rounds})
     write_text(eff_file, json.dumps(eff, indent=2) + "\n")
     if (run / "scores.csv").is_file():
-        from mera.continual.gallery import gallery_or_reason
+        from mera.runner.gallery import gallery_or_reason
 
         write_report([str(run / "scores.csv")], str(run), efficiency=eff, gallery=gallery_or_reason(run, cfg, assets.sets))
     return out

@@ -163,7 +163,7 @@ def plan(cfg, config_dir: str | Path, preset: Preset, text_tokens: int = 128, de
 
     # ---- experts (trained once per seed, reused by every method and order)
     experts: list[str] = []
-    for order in cfg.orders.values():  # as mera.continual.rundir.RunDir.experts
+    for order in cfg.orders.values():  # as mera.runner.rundir.RunDir.experts
         experts += [m for m in order if m not in experts]
     for m in experts:
         if cfg.model.branches[m].pretrained_connector:  # an imported branch: nothing to train

@@ -21,7 +21,7 @@ lines are those it would have written training it.
 Each stage folder (and expert folder) holds its own ``metrics.jsonl``, written before DONE with
 the scores (DONE records it; a redone stage rewrites it whole, so a resume never duplicates a
 line); ``<run>/metrics.jsonl`` is assembled from them in the plan's order at the end of a run
-(:meth:`mera.continual.rundir.RunDir.assemble_metrics`), like ``scores.csv``.
+(:meth:`mera.runner.rundir.RunDir.assemble_metrics`), like ``scores.csv``.
 """
 
 from __future__ import annotations

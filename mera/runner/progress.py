@@ -1,6 +1,6 @@
 """Progress of a run with ``--workers N``, shown by the main process from the workers' events.
 
-Each worker process sends small events through a multiprocessing queue (mera.continual.workers):
+Each worker process sends small events through a multiprocessing queue (mera.runner.workers):
 
     {"kind": "unit", "worker": pid, "unit": "sequential / Fine-Tuning + MERA (10%)"}   a unit starts
     {"kind": "stage", "worker": pid, "what": "MERA (10%): stage 2 point"}              a stage starts

@@ -8,7 +8,7 @@
     <out>/.features/                      the encoders' feature cache
     <out>/scores.csv                      every finished stage's rows, in plan order
     <out>/metrics.jsonl                   every finished stage's training curves and scores, in plan
-                                          order (each stage folder has its own: mera.continual.telemetry)
+                                          order (each stage folder has its own: mera.runner.telemetry)
     <out>/trackers/                       the event files of train.report_to's local trackers (tensorboard)
     <out>/report.md, metrics.json, efficiency.json, figures/
 
@@ -273,11 +273,11 @@ class RunDir:
         return path
 
     def assemble_metrics(self) -> Path:
-        """Rebuild ``metrics.jsonl`` from the finished stages' own files (mera.continual.telemetry), in
+        """Rebuild ``metrics.jsonl`` from the finished stages' own files (mera.runner.telemetry), in
         plan order: seed by seed, the experts (each once), then every order, method and stage, like
         scores.csv (so a resume gives the same file). A stage done before the file existed gives
         its eval lines, read from its scores.csv, and no train lines."""
-        from mera.continual.telemetry import FILE, StageId, dumps, eval_lines
+        from mera.runner.telemetry import FILE, StageId, dumps, eval_lines
 
         parts = []
 
@@ -306,8 +306,8 @@ class RunDir:
         stage 1 is the shared expert; a step reused from another method counts with the time it
         took to train, mera.continual.sharing) and the inference profile of its final model
         (first order, first seed: the median of its rounds, their min and max, and whether it was
-        measured with nothing else working in the run directory; mera.continual.profile_run)."""
-        from mera.continual.profile_run import efficiency_fields
+        measured with nothing else working in the run directory; mera.runner.profile)."""
+        from mera.runner.profile import efficiency_fields
 
         out = {}
         first = next(iter(self.cfg.orders))

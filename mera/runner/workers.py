@@ -3,7 +3,7 @@ spawned processes, each with its share of the config's CPU threads.
 
 Each unit writes only its own folders (DONE last), so the run directory stays valid whatever
 finishes first; the first failure stops the pool and is raised in the parent. The workers' log
-lines and progress go to the parent through a queue (mera.continual.progress), and the parent
+lines and progress go to the parent through a queue (mera.runner.progress), and the parent
 profiles the final models once the pool has ended (a profile taken while others train is noisy).
 """
 
@@ -21,7 +21,7 @@ def run_parallel(loop, phases: list[list]) -> None:
     them); the pool's processes, their loaded assets and feature caches serve every list.
 
     The workers send their progress and log lines to this process through a queue
-    (mera.continual.progress): on a terminal (``loop.progress``) a live board, one line per worker
+    (mera.runner.progress): on a terminal (``loop.progress``) a live board, one line per worker
     and an overall line; else the log lines and, at each unit's end, the overall line. They leave
     the final models' inference profiles to this process, after the pool
     (``StageLoop.profile_finals``)."""
@@ -30,7 +30,7 @@ def run_parallel(loop, phases: list[list]) -> None:
 
     import torch
 
-    from mera.continual.progress import Board, LiveDisplay, PlainDisplay, drain
+    from mera.runner.progress import Board, LiveDisplay, PlainDisplay, drain
 
     todos = []
     for units in phases:
@@ -87,7 +87,7 @@ def _worker_init(cfg, out: str, config_dir: str, threads: int, events) -> None:
     global _LOOP
     import warnings
 
-    from mera.continual.loop import StageLoop
+    from mera.runner.loop import StageLoop
 
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     warnings.filterwarnings("ignore", category=FutureWarning)

@@ -18,9 +18,9 @@ import json
 from pathlib import Path
 
 from mera import PLACEHOLDERS
-from mera.continual.rundir import RunDir
 from mera.errors import DataError, MeraError
 from mera.eval.gallery import Gallery, GalleryItem, GalleryRow, Prediction
+from mera.runner.rundir import RunDir
 
 PER_TASK = 3  # items per task (caption, QA) and modality
 

@@ -281,7 +281,7 @@ class RunConfig(StrictModel):
     def _check(self):
         import re
 
-        from mera.continual.rundir import slug
+        from mera.runner.rundir import slug
 
         for oname, order in self.orders.items():
             # an order's name is a folder of the run directory: a plain name, never a path

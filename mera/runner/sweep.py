@@ -36,10 +36,10 @@ from pathlib import Path
 
 from mera.config import validate
 from mera.config.loading import apply_override, parse_override
-from mera.continual.run_config import RunConfig
-from mera.continual.rundir import slug
 from mera.errors import ConfigError
 from mera.io import write_text
+from mera.runner.run_config import RunConfig
+from mera.runner.rundir import slug
 
 METRICS = {
     "last_bw": "last-stage backward RG, averaged over the orders",
@@ -233,8 +233,8 @@ def run_sweep(plan: SweepPlan, *, config_dir: Path, resume: bool = False, worker
     """Run every run of the plan (resumable), then analyse them and write ``sweep.md`` / ``sweep.json``
     in ``plan.out``; returns the analysis (see :func:`analyse`)."""
     from mera import dist
-    from mera.continual.loop import StageLoop
-    from mera.continual.rundir import RunDir
+    from mera.runner.loop import StageLoop
+    from mera.runner.rundir import RunDir
 
     if metric not in METRICS:
         raise ConfigError(f"--metric must be one of {', '.join(METRICS)}, got {metric!r}")

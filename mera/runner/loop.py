@@ -2,7 +2,7 @@
 
     train (align, instruct; the method's strategies) -> fold (its merge rule) -> after-stage
     hooks (realign) -> checkpoint -> evaluate every modality seen so far -> scores.csv and
-    metrics.jsonl (the stage's training curve and scores: mera.continual.telemetry) -> DONE
+    metrics.jsonl (the stage's training curve and scores: mera.runner.telemetry) -> DONE
 
 Seeds are derived from (run seed, order, stage, phase), never from the method's name or from
 what ran before: a resumed run trains exactly what an uninterrupted one would, and two methods
@@ -16,10 +16,10 @@ together: every process trains every stage (each micro-batch split across them, 
 mera.train.loop) and generates its share of the evaluation batches; only the main process
 writes to the run directory (and clears unfinished stage folders), and a barrier follows each
 write that the others then read. ``--workers N`` instead runs independent units (experts,
-then the (order, method) chains of one family) in N processes (mera.continual.workers).
+then the (order, method) chains of one family) in N processes (mera.runner.workers).
 
 Several seeds (``seeds: [0, 1, 2]``) run everything once per seed, each in its own tree of the
-run directory (mera.continual.rundir), with the tokenizer, encoders, data and feature cache
+run directory (mera.runner.rundir), with the tokenizer, encoders, data and feature cache
 loaded once. A stage's step that another method already trained identically is reused from the
 run's step store (mera.continual.sharing).
 """
@@ -35,24 +35,24 @@ from pathlib import Path
 
 from mera import dist
 from mera.continual import checkpoint as ckpt
-from mera.continual import telemetry as tm
 from mera.continual.assets import connector_states, load_assets, seed_for
 from mera.continual.methods import build_method
 from mera.continual.replay import ReplayMemory
-from mera.continual.rundir import RunDir, Unit, slug
 from mera.continual.sharing import StepStore
 from mera.continual.stages import load_stage
 from mera.continual.training import make_context, train_stage, trainer_curve
 from mera.errors import ConfigError, MeraError
 from mera.eval.profile import Cost
 from mera.io import UnitLock, write_text
+from mera.runner import telemetry as tm
+from mera.runner.rundir import RunDir, Unit, slug
 
 
 class StageLoop:
     def __init__(self, cfg, out_dir: str | Path, *, config_dir: Path | None = None, resume: bool = False,
                  progress: bool = True, log=None, workers: int = 1, only: list[Unit] | None = None):
         self.cfg = cfg
-        self.only = only  # --only: these units (mera.continual.launch.select_units) instead of the whole plan
+        self.only = only  # --only: these units (mera.runner.launch.select_units) instead of the whole plan
         self.dir = RunDir(out_dir, cfg)
         self.out = self.dir.out
         self.config_dir = config_dir or Path.cwd()
@@ -60,7 +60,7 @@ class StageLoop:
         self.threads = cfg.threads  # torch threads of this process (a worker process: its share)
         self.log = log or (lambda msg: print(msg, flush=True))
         self.main = dist.is_main()  # under a launcher only the main process writes (and logs)
-        self.events = None  # a worker process's progress events go here (mera.continual.workers)
+        self.events = None  # a worker process's progress events go here (mera.runner.workers)
         self.defer_profile = False  # a worker: the final models are profiled after the pool (workers.py)
         self.assets = None
         if os.environ.get("ACCELERATE_USE_DEEPSPEED", "").strip().lower() == "true":
@@ -113,7 +113,7 @@ class StageLoop:
     def run(self) -> Path:
         self.dir.prepare(self.resume, write=False)  # fail fast, before any set-up work
         if self.only is not None:  # a chain chosen by hand needs its expert done (or chosen too)
-            from mera.continual.launch import require_experts
+            from mera.runner.launch import require_experts
 
             require_experts(self.dir, self.only)
         dist.barrier()  # every process has looked at the directory before the main one writes to it
@@ -125,7 +125,7 @@ class StageLoop:
         t0 = time.perf_counter()
         units = self.dir.units() if self.only is None else list(self.only)
         if self.workers > 1:
-            from mera.continual.workers import run_parallel
+            from mera.runner.workers import run_parallel
 
             # one pool: the experts first (every chain's stage 1 is an expert), then the chains
             run_parallel(self, [[u for u in units if u.kind == "expert"], [u for u in units if u.kind == "chain"]])
@@ -354,15 +354,15 @@ class StageLoop:
 
     def profile(self, model, modalities: list[str], folder: Path) -> dict:
         """Inference cost of a final model right after its stage: ``profile.json``
-        (mera.continual.profile_run.profile_model)."""
-        from mera.continual.profile_run import profile_model
+        (mera.runner.profile.profile_model)."""
+        from mera.runner.profile import profile_model
 
         return profile_model(self.assets, model, modalities, folder, self.out, self.log)
 
     def profile_finals(self) -> None:
         """The final models not profiled yet (with --workers: all of them), measured here after all
-        training (mera.continual.profile_run.profile_finals)."""
-        from mera.continual.profile_run import profile_finals
+        training (mera.runner.profile.profile_finals)."""
+        from mera.runner.profile import profile_finals
 
         profile_finals(self)
 
@@ -378,7 +378,7 @@ class StageLoop:
         eff = self.dir.efficiency()
         write_text(self.out / "efficiency.json", json.dumps(eff, indent=2) + "\n")
         try:
-            from mera.continual.gallery import gallery_or_reason
+            from mera.runner.gallery import gallery_or_reason
 
             gallery = gallery_or_reason(self.out, self.cfg, self.base_assets.sets)
             write_report([str(scores)], str(self.out), efficiency=eff, gallery=gallery)
