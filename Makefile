@@ -5,7 +5,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.mera-installed
 
-.PHONY: demo test test-fast lint bench install clean-venv
+.PHONY: demo test test-fast lint bench docs install clean-venv
 
 $(STAMP): requirements.txt requirements-test.txt pyproject.toml
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -41,6 +41,10 @@ bench: $(STAMP)
 	$(BIN)/python benchmarks/judge_cache_bench.py
 	$(BIN)/python benchmarks/merge_precision.py
 	$(BIN)/python benchmarks/peak_memory_bench.py
+
+# the documentation site (mkdocs.yml, docs/) into site/; --strict: a broken link or page fails it
+docs: $(STAMP)
+	NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs build --strict --site-dir site
 
 clean-venv:
 	rm -rf $(VENV)
