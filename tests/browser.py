@@ -2,8 +2,8 @@
 
 The system's Chromium and its driver (Debian: ``apt-get install chromium chromium-driver``,
 which .ci/run does) are used by path: nothing is downloaded (selenium-manager never runs, as the
-driver's path is given). Missing: :func:`need_chromium` fails the test with what to do, or skips it
-when ``MERA_SKIP_BROWSER=1``.
+driver's path is given). Missing, :func:`need_chromium` skips the test with one line naming what is
+missing and how to install it; with ``MERA_REQUIRE_BROWSER=1`` (.ci/run sets it) it fails instead.
 """
 
 from __future__ import annotations
@@ -23,16 +23,22 @@ FLAGS = ("--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-
          "--disable-dev-shm-usage", "--hide-scrollbars")
 
 
+def missing_programs() -> list[str]:
+    """The paths of the Chromium and the driver that are not executable files here."""
+    return [p for p in (CHROMIUM, CHROMEDRIVER) if not (os.path.isfile(p) and os.access(p, os.X_OK))]
+
+
 def need_chromium() -> None:
-    """Fail (not skip) when Chromium or its driver is missing, unless MERA_SKIP_BROWSER=1."""
-    missing = [p for p in (CHROMIUM, CHROMEDRIVER) if not (os.path.isfile(p) and os.access(p, os.X_OK))]
+    """Skip the test when Chromium or its driver is missing, saying which and how to install them;
+    fail instead under ``MERA_REQUIRE_BROWSER=1``, where a skipped browser test would hide a gap."""
+    missing = missing_programs()
     if not missing:
         return
-    if os.environ.get("MERA_SKIP_BROWSER") == "1":
-        pytest.skip(f"MERA_SKIP_BROWSER=1 and {', '.join(missing)} missing")
-    pytest.fail(f"{', '.join(missing)} not found: the report.html tests need a headless Chromium. Run .ci/run "
-                "(it installs one) or `apt-get install -y chromium chromium-driver`; set MERA_SKIP_BROWSER=1 "
-                "to skip these tests.", pytrace=False)
+    said = (f"{' and '.join(missing)} not found: the report.html browser test needs a headless Chromium and its "
+            "driver; install them with `apt-get install -y chromium chromium-driver`, or run .ci/run (it does)")
+    if os.environ.get("MERA_REQUIRE_BROWSER") == "1":
+        pytest.fail(f"{said} (MERA_REQUIRE_BROWSER=1: the test may not skip)", pytrace=False)
+    pytest.skip(said)
 
 
 @contextmanager

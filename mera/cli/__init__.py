@@ -20,6 +20,7 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 from mera.cli import data, export, generate, import_llava, plan, profile, report, run, sweep, toy  # noqa: E402
 from mera.errors import MeraError  # noqa: E402
+from mera.io import write_failure  # noqa: E402
 
 # in the order of `mera --help`
 COMMANDS = (run, plan, sweep, report, generate, export, import_llava, profile, data, toy)
@@ -61,12 +62,19 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {_one_line(str(e))}", file=sys.stderr)
         return 2
     except OSError as e:  # e.g. disk full or a read-only folder while writing run files
+        failure = write_failure(e.filename, e)  # the disk's doing: what mera.io says, what to do included
         where = f"{e.filename}: " if getattr(e, "filename", None) else ""
-        print(f"error: {_one_line(f'{where}{e.strerror or e}')}", file=sys.stderr)
+        print(f"error: {_one_line(str(failure) if failure else f'{where}{e.strerror or e}')}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+    except Exception as e:  # a library's own error for a failed write (safetensors, sqlite3): the same line
+        failure = write_failure(None, e)
+        if failure is None:
+            raise
+        print(f"error: {_one_line(str(failure))}", file=sys.stderr)
+        return 2
 
 
 __all__ = ["COMMANDS", "main"]

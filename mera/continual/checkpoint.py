@@ -42,8 +42,9 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from mera.continual.deltas import Delta
-from mera.errors import CheckpointError
-from mera.io import atomic_path, sha256_file, write_json
+from mera.errors import CheckpointError, CheckpointWriteError, WriteError
+from mera.faults import fault_point
+from mera.io import atomic_path, sha256_file, write_json, write_message
 
 MANIFEST = "manifest.json"
 FORMAT = "mera-stage-v2"
@@ -82,15 +83,20 @@ def done_problem(folder: str | Path) -> str | None:
     return None
 
 
+_NOT_DONE = "the stage is not marked done and any earlier version of the file is unchanged"
+
+
 @contextmanager
 def _writing(path: Path):
-    """Turn a failed write (disk full, no permission) into a CheckpointError naming ``path``;
-    the writes are atomic, so a file already at ``path`` is left as it was."""
+    """Turn a failed write into a CheckpointError naming ``path`` (a CheckpointWriteError, which
+    also says what to do, when the disk caused it: full, over quota, an I/O error); the writes are
+    atomic, so a file already at ``path`` is left as it was."""
     try:
         yield
+    except WriteError as e:  # mera.io's atomic writers: the disk's doing
+        raise CheckpointWriteError(write_message(path, e.errno, "the checkpoint", _NOT_DONE), str(path), e.errno) from None
     except OSError as e:
-        raise CheckpointError(f"{path}: cannot write the checkpoint ({e.strerror or e}); "
-                              "the stage is not marked done and any earlier version of the file is unchanged") from None
+        raise CheckpointError(f"{path}: cannot write the checkpoint ({e.strerror or e}); {_NOT_DONE}") from None
 
 
 def tensor_digest(tensors: dict[str, torch.Tensor]) -> str:
@@ -114,6 +120,7 @@ def state_key(folder: str | Path | None) -> str | None:
 def save_tensors(path: Path, tensors: dict[str, torch.Tensor]) -> None:
     with _writing(path), atomic_path(path) as tmp:
         save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(tmp))
+        fault_point("write_stage")
 
 
 def load_tensors(path: Path) -> dict[str, torch.Tensor]:

@@ -28,6 +28,8 @@ from typing import NamedTuple, Sequence
 
 import numpy as np
 
+from mera.data.limits import MAX_IMAGE_PIXELS as MAX_IMAGE_PIXELS
+from mera.data.limits import check_pixels
 from mera.errors import DataError
 from mera.io import atomic_path
 
@@ -50,17 +52,6 @@ def _exists(path: str | os.PathLike, what: str) -> Path:
 
 
 # ----------------------------------------------------------------------------------- readers
-
-
-# the largest image (and video frame) mera decodes: 8192 x 8192. An encoder takes a few hundred
-# pixels a side; a bigger file is a mistake or a decompression bomb, refused from its header alone
-MAX_IMAGE_PIXELS = 8192 * 8192
-
-
-def check_pixels(p, width: int, height: int, what: str = "image") -> None:
-    if width * height > MAX_IMAGE_PIXELS:
-        raise DataError(f"{p}: the {what} is {width} x {height} = {width * height:,} pixels, more than mera decodes "
-                        f"({MAX_IMAGE_PIXELS:,}: mera.data.media.MAX_IMAGE_PIXELS); resize it first")
 
 
 def read_image(path: str | os.PathLike) -> np.ndarray:

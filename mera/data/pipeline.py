@@ -22,6 +22,7 @@ from tqdm.auto import tqdm
 from mera.data.format import Sample, load_dataset
 from mera.data.media import read_media
 from mera.errors import DataError
+from mera.faults import fault_point
 from mera.io import atomic_path
 
 SET_KEYS = ("caption_train", "caption_test", "qa_train", "qa_test", "caption_val", "qa_val")
@@ -122,8 +123,10 @@ class FeatureProvider:
 
     def _store(self, s: Sample, f: torch.Tensor) -> None:
         if self.cache == "disk":
-            with atomic_path(self._file(s), durable=False) as tmp:  # a cache: recomputed if lost
+            # a cache: recomputed if lost; a full disk is a WriteError naming the file (mera.io)
+            with atomic_path(self._file(s), durable=False) as tmp:
                 save_file({"features": f.to(self.cache_dtype).contiguous()}, str(tmp))
+                fault_point("write_features")
         else:
             self._features[_key(s)] = f.clone()
 

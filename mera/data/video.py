@@ -38,6 +38,7 @@ from pathlib import Path
 
 import numpy as np
 
+from mera.data.limits import check_pixels
 from mera.errors import DataError
 from mera.io import atomic_path
 
@@ -191,8 +192,6 @@ def read_video_frames(path: str | os.PathLike, num_frames: int = 4, *, return_in
             if not container.streams.video:
                 raise DataError(f"{p}: holds no video stream")
             stream = container.streams.video[0]
-            from mera.data.media import check_pixels
-
             if stream.codec_context.width and stream.codec_context.height:  # from the header: before decoding
                 check_pixels(p, stream.codec_context.width, stream.codec_context.height, "video frame")
             total, fps = _stream_geometry(container, stream)

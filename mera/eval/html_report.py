@@ -261,16 +261,15 @@ def _progression_section(intro: str, chunks: list[str], note: str, figures: dict
     return "".join(parts)
 
 
-def _seeds_section(runs: Sequence[RunMetrics]) -> str:
+def _seeds_section(runs: Sequence[RunMetrics], per_seed: dict) -> str:
     from mera.eval.metrics import last_stage_bw
-    from mera.eval.report import render_markdown  # here: mera.eval.report imports this module
 
     parts = ['<section id="per-seed"><h2>Per seed</h2><p class="note">Each seed\'s own report (the tables above '
              "are their means). Click a seed to open it.</p>"]
     for s in seeds_of(runs):
         mine = [r for r in runs if r.seed == s]
         head = last_stage_bw(mine)
-        md = render_markdown(mine)
+        md = per_seed[s]
         md = md[md.index("\n## ") + 1:]  # without the title and the sources
         best = max(head, key=head.get)
         parts.append(f'<details class="seed" id="seed-{esc(s)}"><summary>Seed {esc(s)} <span class="muted">'
@@ -469,9 +468,12 @@ footer{color:var(--muted);font-size:.8rem;border-top:1px solid var(--border);pad
 
 
 def render_html(markdown: str, runs: Sequence[RunMetrics], figures: dict[str, bytes], sources: Sequence[str],
-                gallery: Gallery | None = None) -> str:
+                gallery: Gallery | None = None, per_seed: dict | None = None) -> str:
     """The page: report.md's tables, ``figures`` (render_figures' PNGs), each seed's tables, the
-    training loss (``<run>/metrics.jsonl``) and ``gallery`` (None: not a run directory's scores)."""
+    training loss (``<run>/metrics.jsonl``) and ``gallery`` (None: not a run directory's scores).
+
+    ``per_seed``: seed -> the Markdown report of that seed's runs alone (mera.eval.report writes
+    it), needed when ``runs`` hold two seeds or more."""
     run_dir = run_dir_of(sources)
     head, intro, chunks, note = _split_progression(markdown)
     if head.startswith("# "):
@@ -488,7 +490,7 @@ def render_html(markdown: str, runs: Sequence[RunMetrics], figures: dict[str, by
         _progression_section(intro, chunks, note, figures),
     ]
     if several:
-        body.append(_seeds_section(runs))
+        body.append(_seeds_section(runs, per_seed or {}))
     body += [_training_section(run_dir, sources), _gallery_section(gallery, sources)]
     nav = "".join(f'<a href="#{k}">{v}</a>' for k, v in sections)
     return ("<!DOCTYPE html>\n<html lang=\"en\">\n<head>\n<meta charset=\"utf-8\">\n"

@@ -86,10 +86,10 @@ class ExactMatchJudge:
 # Judges are plug-ins of kind "judge" in mera.config.registry. A built-in judge registers a
 # factory ``factory(params)`` (``factory()`` when it takes no options) with the pydantic model of
 # its options, next to its code: ``exact_match`` below, ``openai`` and ``local_llm`` in
-# mera.eval.llm_judge (imported at the end of this module, so that they register too; it imports
-# neither openai nor torch until a judge is built). A judge added with :func:`register_judge` is
-# called as ``factory(**opts)``; its options are checked at config-load time only when it gives a
-# parameter model.
+# mera.eval.llm_judge (the registry imports both modules, its PACKAGES["judge"], before it looks a
+# judge up; llm_judge imports neither openai nor torch until a judge is built). A judge added with
+# :func:`register_judge` is called as ``factory(**opts)``; its options are checked at config-load
+# time only when it gives a parameter model.
 
 
 def register_judge(name: str, factory: Callable[..., Judge], params: type[BaseModel] | None = None) -> None:
@@ -210,6 +210,3 @@ def qa_accuracy(
     """
     return judge_qa(judge, questions, answers, predictions).accuracy
 
-
-# the LLM judges (openai, local_llm) register themselves; nothing heavy is imported until one is built
-from mera.eval import llm_judge  # noqa: E402, F401

@@ -37,6 +37,8 @@ from pydantic import model_validator
 from mera.config.base import StrictModel
 from mera.config.registry import register
 from mera.errors import ConfigError, DataError, MeraError
+from mera.faults import fault_point
+from mera.io import write_errno, writing
 
 # ----------------------------------------------------------------------------- the prompt
 
@@ -242,17 +244,20 @@ class JudgeCache:
 
         if self._db is not None:
             return self._db
-        self.dir.mkdir(parents=True, exist_ok=True)
-        try:
-            db = sqlite3.connect(str(self.path), timeout=60, check_same_thread=False, isolation_level=None)
-            db.execute("PRAGMA journal_mode=WAL")
-            db.execute("CREATE TABLE IF NOT EXISTS judgements (key TEXT PRIMARY KEY, record TEXT NOT NULL)")
-        except sqlite3.DatabaseError as e:
-            raise DataError(f"{self.path}: not a judge cache ({e}); move it away and the judge starts a new one") from None
-        self._db = db
-        legacy = self.dir / LEGACY_CACHE_FILE
-        if legacy.is_file():
-            self._import(legacy)
+        with writing(self.path):  # a full disk (or another failed write): one line naming the cache
+            self.dir.mkdir(parents=True, exist_ok=True)
+            try:
+                db = sqlite3.connect(str(self.path), timeout=60, check_same_thread=False, isolation_level=None)
+                db.execute("PRAGMA journal_mode=WAL")
+                db.execute("CREATE TABLE IF NOT EXISTS judgements (key TEXT PRIMARY KEY, record TEXT NOT NULL)")
+            except sqlite3.DatabaseError as e:
+                if write_errno(e) is not None:
+                    raise
+                raise DataError(f"{self.path}: not a judge cache ({e}); move it away and the judge starts a new one") from None
+            self._db = db
+            legacy = self.dir / LEGACY_CACHE_FILE
+            if legacy.is_file():
+                self._import(legacy)
         return db
 
     def _import(self, legacy: Path) -> None:
@@ -298,7 +303,8 @@ class JudgeCache:
     def put(self, record: dict) -> None:
         """Store ``record`` (which must have a 'key'), replacing an older one for that key."""
         text = json.dumps(_capped(record), ensure_ascii=False, separators=(",", ":"))
-        with self._lock:
+        with self._lock, writing(self.path):
+            fault_point("write_judge")
             self._conn().execute("INSERT OR REPLACE INTO judgements VALUES (?, ?)", (record["key"], text))
 
     def close(self) -> None:

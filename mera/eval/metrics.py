@@ -31,10 +31,24 @@ from __future__ import annotations
 import csv
 import math
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Iterable, Mapping, Sequence
 
 from mera.errors import DataError
+
+# RunMetrics and the functions over several runs live in mera.eval.runs (below mera.eval.seeds,
+# which reads them too); they are also imported from here, under the same names
+from mera.eval.runs import (
+    RunMetrics,
+    _one_seed_summary,
+    mean_std,
+    seed_order,
+    seeds_of,
+)
+from mera.eval.runs import last_stage_bw as last_stage_bw
+from mera.eval.runs import last_stage_bw_by_seed as last_stage_bw_by_seed
+from mera.eval.runs import methods_and_orders as methods_and_orders
+from mera.eval.seeds import over_seed_object
 
 COLUMNS = ("method", "order", "seed", "stage", "modality", "dataset", "task", "score")
 LEGACY_COLUMNS = tuple(c for c in COLUMNS if c != "seed")  # the first release's header: no seed column
@@ -74,38 +88,6 @@ class ScoreRow:
         stage = "" if self.stage is None else str(self.stage)
         seed = "" if self.seed is None else str(self.seed)
         return ",".join([self.method, self.order, seed, stage, self.modality, self.dataset, self.task, f"{self.score:g}"])
-
-
-@dataclass
-class RunMetrics:
-    """Metrics of one (method, order, seed) run; stage i is at list index i-1.
-
-    ``modalities`` are in the order they were introduced (``modalities[i-1]`` is new at
-    stage i); ``rg[i-1]`` maps each modality seen by stage i to ``RG_j^i`` (percent).
-    """
-
-    method: str
-    order: str
-    modalities: list[str]
-    rg: list[dict[str, float]]
-    bw_rg: list[float]
-    fw_rg: list[float]
-    bw_mean: float
-    bw_std: float  # NaN with a single stage (sample std undefined)
-    source: str = ""
-    datasets: dict[str, list[str]] = field(default_factory=dict)
-    seed: int | None = None
-
-    @property
-    def num_stages(self) -> int:
-        return len(self.bw_rg)
-
-    def accuracy_matrix(self) -> list[list[float | None]]:
-        """Stage x modality matrix of ``RG_j^i`` (percent); None where modality j is not yet seen.
-
-        Columns follow ``self.modalities`` (introduction order).
-        """
-        return [[stage_rg.get(m) for m in self.modalities] for stage_rg in self.rg]
 
 
 # ----------------------------------------------------------------------------- raw rows
@@ -413,26 +395,7 @@ def forward_rg(rg_at_stage: Mapping[str, float], new_modality: str, stage: int) 
     return rg_at_stage[new_modality]
 
 
-def mean_std(values: Sequence[float]) -> tuple[float, float]:
-    """Mean ``sum(v)/n`` and sample standard deviation ``sqrt(sum((v-mean)^2)/(n-1))``.
-
-    The std is NaN for a single value (n-1 = 0).
-    """
-    n = len(values)
-    if n == 0:
-        raise ValueError("mean_std of no values")
-    mean = sum(values) / n
-    if n == 1:
-        return mean, float("nan")
-    return mean, math.sqrt(sum((v - mean) ** 2 for v in values) / (n - 1))
-
-
 # ----------------------------------------------------------------------------- tables
-
-
-def seed_order(seed: int | None) -> tuple[int, int]:
-    """Sort key of seeds: None (no seed) first, then the seeds by value."""
-    return (0, 0) if seed is None else (1, seed)
 
 
 def _runs(rows: Sequence[ScoreRow]) -> dict[tuple[str, str, int | None], list[ScoreRow]]:
@@ -499,49 +462,6 @@ def relative_gains(rows: Sequence[ScoreRow]) -> dict[tuple, list[dict[str, float
     return {(r.method, r.order): r.rg for r in runs}
 
 
-def seeds_of(runs: Iterable[RunMetrics]) -> list[int | None]:
-    """The distinct seeds of ``runs``, sorted (None first)."""
-    return sorted({r.seed for r in runs}, key=seed_order)
-
-
-def last_stage_bw_by_seed(runs: Sequence[RunMetrics]) -> dict[str, dict[int | None, float]]:
-    """Per method and seed: ``(1/O) * sum_o BW_m^o``, the last stage's backward RG of each order o
-    that seed ran (denominator: that number O of orders). Seeds sorted, None first."""
-    acc: dict[str, dict[int | None, list[float]]] = {}
-    for r in runs:
-        acc.setdefault(r.method, {}).setdefault(r.seed, []).append(r.bw_rg[-1])
-    return {m: {s: sum(v) / len(v) for s, v in sorted(by.items(), key=lambda kv: seed_order(kv[0]))}
-            for m, by in acc.items()}
-
-
-def methods_and_orders(runs: Sequence[RunMetrics]) -> tuple[list[str], list[str]]:
-    """The methods and the orders of ``runs``, each in order of first appearance."""
-    methods: list[str] = []
-    orders: list[str] = []
-    for r in runs:
-        if r.method not in methods:
-            methods.append(r.method)
-        if r.order not in orders:
-            orders.append(r.order)
-    return methods, orders
-
-
-def last_stage_bw(runs: Sequence[RunMetrics]) -> dict[str, float]:
-    """Headline per method: ``(1/O) * sum_o BW_m^o``, the last stage's backward RG of each order o.
-
-    Denominator: the number O of orders present for that method. With several seeds, this is
-    computed per seed (:func:`last_stage_bw_by_seed`) and then averaged over the method's seeds
-    (denominator: its number of seeds).
-    """
-    return {m: sum(by.values()) / len(by) for m, by in last_stage_bw_by_seed(runs).items()}
-
-
-def _json_float(x: float | None) -> float | None:
-    if x is None or (isinstance(x, float) and not math.isfinite(x)):
-        return None
-    return float(x)
-
-
 def summary_object(runs: Sequence[RunMetrics], level: float = 0.95) -> dict:
     """The JSON-ready summary of ``runs`` (NaN written as null); see :func:`summarize`.
 
@@ -551,28 +471,8 @@ def summary_object(runs: Sequence[RunMetrics], level: float = 0.95) -> dict:
     """
     obj = _one_seed_summary(runs)
     if len(seeds_of(runs)) > 1:
-        from mera.eval.seeds import over_seed_object
-
         obj.update(over_seed_object(runs, level))
     return obj
-
-
-def _one_seed_summary(runs: Sequence[RunMetrics]) -> dict:
-    summary = []
-    for r in runs:
-        summary.append(
-            {
-                "method": r.method,
-                "order": r.order,
-                "seed": r.seed,
-                "bw_rg": [_json_float(x) for x in r.bw_rg],
-                "fw_rg": [_json_float(x) for x in r.fw_rg],
-                "bw_mean": _json_float(r.bw_mean),
-                "bw_std": _json_float(r.bw_std),
-                "rg": {m: [_json_float(s.get(m)) for s in r.rg] for m in r.modalities},
-            }
-        )
-    return {"summary": summary, "last_stage_bw": last_stage_bw(runs)}
 
 
 def summarize(rows: Sequence[ScoreRow], level: float = 0.95) -> dict:

@@ -27,7 +27,8 @@ from dataclasses import dataclass, field
 from typing import Iterable, Sequence
 
 from mera.errors import DataError
-from mera.eval.metrics import (
+from mera.eval.names import FINETUNE_NAMES, realign_pairs
+from mera.eval.runs import (
     RunMetrics,
     _json_float,
     _one_seed_summary,
@@ -281,12 +282,10 @@ ABLATIONS = ("merge only", "realign only")
 def comparison_pairs(methods: Sequence[str]) -> list[tuple[str, str, list[str]]]:
     """The orderings the paper claims that ``methods`` can form, as ``(A, B, claims)``: A is
     expected above B. (i) each MERA method above every non-MERA method (the baselines and
-    the ablations); (ii) each "X + Realign" above X, by :func:`mera.eval.report.realign_pairs`
+    the ablations); (ii) each "X + Realign" above X, by :func:`mera.eval.names.realign_pairs`
     (which also pairs "Realign only" with Fine-Tuning and "MERA (10%)" with "Merge only");
     (iii) the Table 4 ablation: "Merge only" and "Realign only" above Fine-Tuning. A pair met
     twice is listed once, with every claim it supports."""
-    from mera.eval.report import FINETUNE_NAMES, realign_pairs
-
     pairs: dict[tuple[str, str], list[str]] = {}
 
     def add(a: str, b: str, claim: str) -> None:
