@@ -13,9 +13,9 @@ from micro import micro_config
 
 from mera.config import load_config
 from mera.errors import ConfigError, MeraError
-from mera.runner.launch import Launcher, describe_jobs, plan_jobs, require_experts, select_units
+from mera.runner.launch import Launcher, describe_jobs, plan_jobs, select_units
 from mera.runner.run_config import RunConfig
-from mera.runner.rundir import RunDir, Unit
+from mera.runner.rundir import RunDir, Unit, require_experts
 
 METHODS = [{"name": "Fine-Tuning", "strategies": ["finetune"]},
            {"name": "Replay (10%)", "strategies": ["replay"], "replay_ratio": 0.1}]

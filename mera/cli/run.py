@@ -115,8 +115,8 @@ def _launch(cfg, out: Path, config_dir: Path, resume: bool, only, detach: bool):
     from mera import dist
     from mera.continual.assets import load_assets
     from mera.errors import ConfigError
-    from mera.runner.launch import Launcher, require_experts
-    from mera.runner.rundir import RunDir
+    from mera.runner.launch import Launcher
+    from mera.runner.rundir import RunDir, require_experts
 
     if dist.world_size() > 1:
         raise ConfigError("--launcher submitit starts its own processes; run it once, not under torchrun / "

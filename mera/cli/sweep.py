@@ -36,8 +36,8 @@ def add_parser(subparsers):
 def run(args) -> int:
     from mera.config import load_config
     from mera.errors import ConfigError
+    from mera.runner.names import slug
     from mera.runner.run_config import RunConfig
-    from mera.runner.rundir import slug
     from mera.runner.sweep import SweepParam, format_markdown, parse_values, plan_sweep, run_sweep
 
     if len(args.param) != len(args.values):

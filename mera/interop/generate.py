@@ -63,11 +63,8 @@ def _finished(run_dir: Path, rd) -> list[str]:  # rd: the run's RunDir
     from mera.continual import checkpoint as ckpt
 
     out = [f"--expert {m}" for m in rd.plan()["experts"] if ckpt.is_done(rd.expert_dir(m))]
-    for oname, order in rd.cfg.orders.items():
-        for meth in rd.cfg.methods:
-            for i, m in enumerate(order, 1):
-                if ckpt.is_done(rd.stage_dir(oname, meth, i, m)):
-                    out.append(f"--stage {oname}/{meth.name}/{i}")
+    out += [f"--stage {st.order}/{st.method.name}/{st.index}" for st in rd.stages(seeds=[rd.seed])
+            if ckpt.is_done(st.folder)]
     return out
 
 
@@ -81,7 +78,8 @@ def _run_config(run_dir: Path):
 def stage_folder(run_dir: Path, stage: str | None = None, expert: str | None = None) -> Path:
     """The stage folder that ``--stage ORDER/METHOD[/I]`` or ``--expert M`` names in ``run_dir``."""
     from mera.continual import checkpoint as ckpt
-    from mera.runner.rundir import RunDir, slug
+    from mera.runner.names import slug
+    from mera.runner.rundir import RunDir
 
     cfg = _run_config(run_dir)
     rd = RunDir(run_dir, cfg)
@@ -103,14 +101,14 @@ def stage_folder(run_dir: Path, stage: str | None = None, expert: str | None = N
         if not meths:
             raise ConfigError(f"--stage {stage!r}: no method {mname!r} in the run "
                               f"(methods: {', '.join(m.name for m in cfg.methods)})")
-        order = cfg.orders[oname]
+        chain = rd.chain(oname, meths[0])
         try:
-            i = int(parts[2]) if len(parts) == 3 else len(order)
+            i = int(parts[2]) if len(parts) == 3 else rd.final_stage(oname, meths[0]).index
         except ValueError:
             raise ConfigError(f"--stage {stage!r}: the stage index {parts[2]!r} is not a number") from None
-        if not 1 <= i <= len(order):
-            raise ConfigError(f"--stage {stage!r}: order {oname!r} has stages 1..{len(order)}")
-        folder = rd.stage_dir(oname, meths[0], i, order[i - 1])
+        if not 1 <= i <= len(chain):
+            raise ConfigError(f"--stage {stage!r}: order {oname!r} has stages 1..{len(chain)}")
+        folder = chain[i - 1].folder
     else:
         done = _finished(run_dir, rd)
         raise ConfigError(f"{run_dir}: a run directory; choose a stage with --stage ORDER/METHOD/I or "

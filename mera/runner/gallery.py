@@ -65,29 +65,31 @@ def collect_gallery(run_dir: str | Path, cfg, sets: dict, per_task: int = PER_TA
         return cache[folder]
 
     items = []
+    stages = list(rd.stages(seeds=[rd.seed]))  # the first seed's, in plan order
     modalities = [m for m in rd.experts() if m in sets]
     for m in modalities:
         captions, qa = sets[m].evaluation(split)
         for s in captions[:per_task] + qa[:per_task]:
             item = GalleryItem(m, s.task, s.id, s.prompt.replace(PLACEHOLDERS[m], "").strip(), list(s.references),
                                s.media, expert=predictions(rd.expert_dir(m)).get((m, s.id)))
-            for oname, order in cfg.orders.items():
+            rows: dict[tuple[str, str], GalleryRow] = {}  # (order, method) -> its row, in plan order
+            for st in stages:
+                order = cfg.orders[st.order]
                 if m not in order:
                     continue
-                first = order.index(m) + 1
-                for meth in cfg.methods:
-                    row = GalleryRow(meth.name, oname, first)
-                    for i in range(first, len(order) + 1):
-                        folder = rd.expert_dir(order[0]) if i == 1 else rd.stage_dir(oname, meth, i, order[i - 1])
-                        p = predictions(folder).get((m, s.id))
-                        if p is not None:
-                            row.cells[i] = p
+                row = rows.get((st.order, st.method.name))
+                if row is None:
+                    row = rows[(st.order, st.method.name)] = GalleryRow(st.method.name, st.order, order.index(m) + 1)
                     item.rows.append(row)
+                if m in st.seen:  # the stages that evaluated m
+                    p = predictions(st.predictions_folder).get((m, s.id))
+                    if p is not None:
+                        row.cells[st.index] = p
             items.append(item)
     n_stages = max(len(o) for o in cfg.orders.values())
-    if len(cfg.orders) == 1:
-        order = next(iter(cfg.orders.values()))
-        labels = [f"stage {i} (+{m})" for i, m in enumerate(order, 1)]
+    if len(cfg.orders) == 1:  # the column headings: the modality each position of the order adds
+        only = next(iter(cfg.orders.values()))
+        labels = [f"stage {k} (+{m})" for k, m in enumerate(only, 1)]
     else:
         labels = [f"stage {i}" for i in range(1, n_stages + 1)]
     notes = [f"The first {per_task} items of each task's {'validation' if split == 'val' else 'test'} set, "

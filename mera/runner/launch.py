@@ -34,7 +34,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from mera.errors import ConfigError, MeraError
-from mera.runner.rundir import RunDir, Unit, slug
+from mera.runner.names import slug
+from mera.runner.rundir import RunDir, Unit, start_expert
 
 try:  # a job requeued after its time limit resumes (submitit calls checkpoint() on the signal)
     from submitit.helpers import Checkpointable as _Requeueable
@@ -72,26 +73,6 @@ def select_units(cfg, specs: list[str], source: str = "the config") -> list[Unit
                               f"in brackets): {valid}")
         chains += [Unit("chain", order=head, methods=(k,), seed=s) for s in cfg.run_seeds]
     return list(dict.fromkeys(experts + chains))  # each once, in the order given
-
-
-def start_expert(cfg, unit: Unit) -> Unit:
-    """The expert a chain unit starts from (stage 1 of its order), of its seed."""
-    return Unit("expert", modality=cfg.orders[unit.order][0], seed=unit.seed)
-
-
-def require_experts(rd: RunDir, units: list[Unit]) -> None:
-    """Raise when a chosen chain's expert is neither done nor chosen itself, naming every one missing."""
-    cfg, chosen = rd.cfg, set(units)
-    missing = []
-    for u in units:
-        e = start_expert(cfg, u) if u.kind == "chain" else None
-        if e is not None and e not in chosen and not rd.unit_done(e):
-            folder = str(rd.for_seed(e.seed).expert_dir(e.modality).relative_to(rd.out))
-            if folder not in missing:
-                missing.append(folder)
-    if missing:
-        raise MeraError(f"{rd.out}: the chains chosen with --only start from experts that are not done: "
-                        f"{', '.join(missing)}; run them first (--only experts, or --only experts/MODALITY)")
 
 
 # ---------------------------------------------------------------------- the jobs

@@ -41,11 +41,12 @@ from mera.continual.replay import ReplayMemory
 from mera.continual.sharing import StepStore
 from mera.continual.stages import load_stage
 from mera.continual.training import make_context, train_stage, trainer_curve
-from mera.errors import ConfigError, MeraError
+from mera.errors import ConfigError, MeraError, WriteError
 from mera.eval.profile import Cost
 from mera.io import UnitLock, write_text
 from mera.runner import telemetry as tm
-from mera.runner.rundir import RunDir, Unit, slug
+from mera.runner.names import slug
+from mera.runner.rundir import RunDir, Unit, require_experts
 
 
 class StageLoop:
@@ -113,8 +114,6 @@ class StageLoop:
     def run(self) -> Path:
         self.dir.prepare(self.resume, write=False)  # fail fast, before any set-up work
         if self.only is not None:  # a chain chosen by hand needs its expert done (or chosen too)
-            from mera.runner.launch import require_experts
-
             require_experts(self.dir, self.only)
         dist.barrier()  # every process has looked at the directory before the main one writes to it
         with dist.main_process_first():  # the main process builds the zoo / toy data; the others read them
@@ -225,7 +224,7 @@ class StageLoop:
         if lock is None:
             return
         try:
-            expert = self.rd.expert_dir(self.cfg.orders[order_name][0])
+            expert = self.rd.chain(order_name, method)[0].expert_folder
             if not ckpt.is_done(expert):  # another process holds it (or it failed): nothing to start from
                 self.log(f"[{what}] the expert {expert.name} is not done: skipped (run --resume once it is)")
                 return
@@ -235,12 +234,11 @@ class StageLoop:
             lock.release()
 
     def _run_chain(self, order_name: str, method, what: str) -> None:
-        order = self.cfg.orders[order_name]
         strategies, merge = build_method(method)
         model, prev, redo = None, None, False
         steps_before = 0  # the chain's train lines in its stages done before (the trackers' step axis)
-        for i, m in enumerate(order, 1):
-            folder = self.rd.stage_dir(order_name, method, i, m)
+        for st in self.rd.chain(order_name, method):
+            i, m, folder = st.index, st.modality, st.folder
             sid = tm.StageId(self.seed, order_name, method.name, i, m)
             if not redo and self._done(folder, f"{what} stage {i}"):
                 model, prev = None, folder  # loaded lazily if a later stage needs training
@@ -257,16 +255,16 @@ class StageLoop:
             self.log(f"[{self.tag}{order_name} / {method.name}] stage {i} {m}")
             self._event("stage", what=f"{method.name}: stage {i} {m}")
             curve = []
-            if i == 1:  # stage 1 of every method is the expert of the first modality
-                expert = self.rd.expert_dir(m)
+            if st.is_expert:  # a copy of the expert of the order's first modality (rundir.expert_modality)
+                expert = st.expert_folder
                 if self.main:
                     ckpt.save_stage(folder, parent=expert, folds=[], connectors=ckpt.load_connectors(expert),
                                     info={"kind": "stage", "stage": 1, "modality": m, "same_as": "expert"})
                 dist.barrier()  # written by the main process, loaded by every one
                 rows = self.rd.read_rows(expert / "scores.csv")
-                model = load_stage(self.assets, folder) if len(order) > 1 else None
+                model = load_stage(self.assets, folder) if not st.is_final else None
             else:
-                ctx = self._context(model, order_name, method.name, i, m, order[:i],
+                ctx = self._context(model, order_name, method.name, i, m, list(st.seen),
                                     seed_for(self.seed, order_name, i), prev, folder, sid)
                 with Cost(dist.world_size()) as cost:
                     folds, trained = train_stage(self.assets, ctx, strategies, merge, self.store)
@@ -285,11 +283,11 @@ class StageLoop:
                                     info={"kind": "stage", "stage": i, "modality": m, "log": ctx.log,
                                           "cost": info,
                                           **({"llm_modules": ctx.llm_modules} if ctx.llm_modules else {})})
-                rows = self.evaluate(model, order[:i], folder)
+                rows = self.evaluate(model, list(st.seen), folder)
                 curve = trainer_curve(ctx) or []
-                if (self.main and i == len(order) and order_name == next(iter(self.cfg.orders))
+                if (self.main and st.is_final and order_name == next(iter(self.cfg.orders))
                         and self.seed == self.cfg.run_seeds[0] and not self.defer_profile):
-                    self.profile(model, order, folder)
+                    self.profile(model, list(st.seen), folder)
             self._finish_stage(folder, [{**r, "method": method.name, "order": order_name, "stage": i} for r in rows],
                                assemble=True, sid=sid, curve=curve)
             self.log(f"    stage {i} done in {time.perf_counter() - t0:.1f}s")
@@ -383,6 +381,8 @@ class StageLoop:
             gallery = gallery_or_reason(self.out, self.cfg, self.base_assets.sets)
             write_report([str(scores)], str(self.out), efficiency=eff, gallery=gallery)
             self.log(f"final models profiled and report written in {time.perf_counter() - t1:.1f}s")
+        except WriteError:  # a full disk is the run's error (one line, exit 2), not a missing report
+            raise
         except MeraError as e:  # e.g. an expert scored 0: relative gains are undefined; scores stay
             self.log(f"no report: {e}")
         return scores

@@ -153,7 +153,7 @@ def profile_finals(loop) -> None:
     rd, order = loop.dir.for_seed(seed), cfg.orders[order_name]
     finals = {}
     for meth in cfg.methods:
-        folder = rd.stage_dir(order_name, meth, len(order), order[-1])
+        folder = rd.final_stage(order_name, meth).folder
         if not ckpt.is_done(folder):
             continue
         if (folder / "profile.json").is_file():
@@ -186,7 +186,7 @@ def profile_run(run_dir: str | Path, rounds: int = 3, config_dir: str | Path | N
     from mera.continual.stages import load_stage
     from mera.eval.report import write_report
     from mera.runner.run_config import RunConfig
-    from mera.runner.rundir import RunDir
+    from mera.runner.rundir import RunDir, efficiency_fields
 
     run = Path(run_dir)
     if not (run / "config.yaml").is_file():
@@ -200,7 +200,7 @@ def profile_run(run_dir: str | Path, rounds: int = 3, config_dir: str | Path | N
     rd = RunDir(run, cfg)
     order_name = next(iter(cfg.orders))
     order = cfg.orders[order_name]
-    finals = {m.name: rd.stage_dir(order_name, m, len(order), order[-1]) for m in cfg.methods}
+    finals = {m.name: rd.final_stage(order_name, m).folder for m in cfg.methods}
     finals = {k: v for k, v in finals.items() if ckpt.is_done(v)}
     if not finals:
         raise ConfigError(f"{run}: no method has finished its last stage in order {order_name!r}")
@@ -221,18 +221,4 @@ def profile_run(run_dir: str | Path, rounds: int = 3, config_dir: str | Path | N
         from mera.runner.gallery import gallery_or_reason
 
         write_report([str(run / "scores.csv")], str(run), efficiency=eff, gallery=gallery_or_reason(run, cfg, assets.sets))
-    return out
-
-
-def efficiency_fields(prof: dict) -> dict:
-    """The efficiency table's inference entries of a profile (profile.json): the median latency,
-    its spread and quietness where the profile recorded them (a profile of an earlier release has
-    one measurement and no record of quietness: those entries are left out)."""
-    out = {"infer_ms_per_token": float(prof["ms_per_token"]), "infer_peak_mib": float(prof["peak_mib"]),
-           "llm_params_m": float(prof["llm_params_m"]), "memory_kind": str(prof["memory_kind"])}
-    if "ms_per_token_min" in prof and "ms_per_token_max" in prof:
-        out.update({"infer_ms_per_token_min": float(prof["ms_per_token_min"]),
-                    "infer_ms_per_token_max": float(prof["ms_per_token_max"]), "infer_rounds": int(prof["rounds"])})
-    if "quiet" in prof:
-        out["infer_quiet"] = None if prof["quiet"] is None else bool(prof["quiet"])
     return out

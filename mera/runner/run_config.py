@@ -14,6 +14,7 @@ from mera import MODALITIES
 from mera.config.base import StrictModel
 from mera.continual.methods import MethodConfig
 from mera.model.connectors import ConnectorConfig
+from mera.runner.names import slug
 from mera.train.lora import LoraSettings
 
 ZOO_KEYS = ("llm", "tokenizer", "root", "manifest") + tuple(f"encoders/{m}" for m in MODALITIES)
@@ -280,8 +281,6 @@ class RunConfig(StrictModel):
     @model_validator(mode="after")
     def _check(self):
         import re
-
-        from mera.runner.rundir import slug
 
         for oname, order in self.orders.items():
             # an order's name is a folder of the run directory: a plain name, never a path

@@ -16,18 +16,19 @@ With several seeds (``seeds: [0, 1, 2]``) the experts and the orders live in ``<
 (one tree per seed, as above); config, feature cache, shared steps, scores and report stay at
 the top, and every score row carries its seed.
 
-:class:`RunDir` knows these paths, the plan (per seed: experts, then order x method x stage),
-the units of work, which are done, and reads and writes score rows (in the one format of
+:class:`RunDir` knows these paths, the plan (per seed: experts, then order x method x stage, walked
+by :meth:`RunDir.stages` as :class:`StageRef`; the expert rule is :func:`expert_modality`), the
+units of work, which are done, and reads and writes score rows (in the one format of
 :mod:`mera.eval.metrics`). It trains nothing.
 """
 
 from __future__ import annotations
 
 import json
-import re
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING, Iterable, Iterator, Sequence
 
 import yaml
 
@@ -36,21 +37,43 @@ from mera.continual import checkpoint as ckpt
 from mera.errors import ConfigError, MeraError
 from mera.eval.metrics import format_rows, read_rows
 from mera.io import write_text
+from mera.runner.names import flat_diff, slug
+
+if TYPE_CHECKING:
+    from mera.continual.methods import MethodConfig
 
 
-def slug(name: str) -> str:
-    s = re.sub(r"[^A-Za-z0-9]+", "-", name).strip("-").lower()
-    return s or "method"
+def expert_modality(order: Sequence[str]) -> str:
+    """The expert rule: stage 1 of every chain is the expert of its order's first modality, trained
+    once per seed (``experts/<modality>``) and copied into the chain's first stage folder, never
+    trained there again (:attr:`StageRef.is_expert`)."""
+    return order[0]
 
 
-def flat_diff(a, b, prefix="") -> list[str]:
-    """Keys whose values differ between two nested dicts (dotted paths)."""
-    if isinstance(a, dict) and isinstance(b, dict):
-        out = []
-        for k in sorted(set(a) | set(b), key=str):
-            out += flat_diff(a.get(k, "<absent>"), b.get(k, "<absent>"), f"{prefix}{k}.")
-        return out
-    return [] if a == b else [prefix.rstrip(".")]
+@dataclass(frozen=True)
+class StageRef:
+    """One stage of the plan: stage ``index`` (1-based) of the chain of ``method`` (a MethodConfig)
+    on the order named ``order``, in the tree of ``seed``; ``modality`` is the one it adds,
+    ``seen`` the modalities of stages 1..index, ``folder`` its stage folder. ``is_expert``: the
+    stage is the expert of the order's first modality (:func:`expert_modality`), a copy of
+    ``expert_folder``; ``is_final``: the chain's last stage, whose model is the method's final one."""
+
+    seed: int
+    order: str
+    method: MethodConfig
+    index: int
+    modality: str
+    folder: Path
+    seen: tuple[str, ...]
+    is_expert: bool
+    is_final: bool
+    expert_folder: Path | None = None
+
+    @property
+    def predictions_folder(self) -> Path:
+        """Where the stage's predictions were written: the expert's own folder for the expert
+        stage (a copy, not evaluated again), else the stage folder."""
+        return self.expert_folder if self.is_expert else self.folder
 
 
 @dataclass(frozen=True)
@@ -70,6 +93,11 @@ class Unit:
         if self.kind == "expert":
             return f"{tag}expert {self.modality}"
         return f"{tag}{self.order} / {' + '.join(cfg.methods[k].name for k in self.methods)}"
+
+
+def start_expert(cfg, unit: Unit) -> Unit:
+    """The expert unit a chain unit starts from (its stage 1: :func:`expert_modality`), of its seed."""
+    return Unit("expert", modality=expert_modality(cfg.orders[unit.order]), seed=unit.seed)
 
 
 def families(cfg) -> list[tuple[int, ...]]:
@@ -145,6 +173,57 @@ class RunDir:
             out += [m for m in order if m not in out]
         return out
 
+    def _method(self, method) -> MethodConfig:
+        """``method`` (a MethodConfig or its name) as the run's MethodConfig."""
+        name = method if isinstance(method, str) else method.name
+        for meth in self.cfg.methods:
+            if meth.name == name:
+                return meth
+        raise ConfigError(f"no method {name!r} in the run (methods: {', '.join(m.name for m in self.cfg.methods)})")
+
+    def chain(self, order: str, method) -> list[StageRef]:
+        """The stages of the chain of ``method`` (a MethodConfig or its name) on the order named
+        ``order``, in this seed's tree, stage 1 first."""
+        if order not in self.cfg.orders:
+            raise ConfigError(f"no order {order!r} in the run (orders: {', '.join(self.cfg.orders)})")
+        meth, modalities = self._method(method), self.cfg.orders[order]
+        expert = self.expert_dir(expert_modality(modalities))
+        out = []
+        for i, m in enumerate(modalities, 1):
+            first = i == 1  # the expert rule's stage (expert_modality)
+            out.append(StageRef(self.seed, order, meth, i, m, self.stage_dir(order, meth, i, m), tuple(modalities[:i]),
+                                is_expert=first, is_final=i == len(modalities), expert_folder=expert if first else None))
+        return out
+
+    def final_stage(self, order: str, method) -> StageRef:
+        """The last stage of a chain (its model is the method's final one on that order)."""
+        return self.chain(order, method)[-1]
+
+    def stages(self, seeds: Iterable[int] | None = None, orders: Iterable[str] | None = None,
+               methods: Iterable | None = None) -> Iterator[StageRef]:
+        """Every stage of the plan, in plan order: seed by seed, then order, method (config order)
+        and stage. ``seeds``, ``orders``, ``methods`` (MethodConfigs or names), when given, keep only
+        those (still in plan order)."""
+        keep_seeds = None if seeds is None else set(seeds)
+        keep_orders = None if orders is None else set(orders)
+        keep_methods = None if methods is None else {self._method(m).name for m in methods}
+        for name in keep_orders or ():
+            if name not in self.cfg.orders:
+                raise ConfigError(f"no order {name!r} in the run (orders: {', '.join(self.cfg.orders)})")
+        for seed in keep_seeds or ():
+            if seed not in self.cfg.run_seeds:
+                raise ConfigError(f"no seed {seed!r} in the run (seeds: {', '.join(map(str, self.cfg.run_seeds))})")
+        for seed in self.cfg.run_seeds:
+            if keep_seeds is not None and seed not in keep_seeds:
+                continue
+            rd = self.for_seed(seed)
+            for order in self.cfg.orders:
+                if keep_orders is not None and order not in keep_orders:
+                    continue
+                for meth in self.cfg.methods:
+                    if keep_methods is None or meth.name in keep_methods:
+                        yield from rd.chain(order, meth)
+
     def units(self) -> list[Unit]:
         """Every seed's experts, then every seed's chains (one unit per seed, order and family; the
         costliest first, so that a pool of workers ends on small units, together)."""
@@ -162,15 +241,10 @@ class RunDir:
 
     def plan(self) -> dict:
         """What the run would train: the experts and every (order, method, stage), per seed."""
-        stages = []
-        for rd in self.seed_dirs():
-            for oname, order in self.cfg.orders.items():
-                for meth in self.cfg.methods:
-                    for i, m in enumerate(order, 1):
-                        stages.append({"order": oname, "method": meth.name, "stage": i, "modality": m,
-                                       **({"seed": rd.seed} if self.cfg.seeds else {}),
-                                       "dir": str(rd.stage_dir(oname, meth, i, m).relative_to(self.out)),
-                                       "what": "= expert of " + m if i == 1 else "+".join(meth.names)})
+        stages = [{"order": st.order, "method": st.method.name, "stage": st.index, "modality": st.modality,
+                   **({"seed": st.seed} if self.cfg.seeds else {}), "dir": str(st.folder.relative_to(self.out)),
+                   "what": "= expert of " + st.modality if st.is_expert else "+".join(st.method.names)}
+                  for st in self.stages()]
         return {"experts": self.experts(), "seeds": self.cfg.run_seeds, "stages": stages}
 
     def unit_done(self, unit: Unit) -> bool:
@@ -182,9 +256,7 @@ class RunDir:
 
         if unit.kind == "expert":
             return ok(rd.expert_dir(unit.modality))
-        order = self.cfg.orders[unit.order]
-        return all(ok(rd.stage_dir(unit.order, self.cfg.methods[k], i, m))
-                   for k in unit.methods for i, m in enumerate(order, 1))
+        return all(ok(st.folder) for k in unit.methods for st in rd.chain(unit.order, self.cfg.methods[k]))
 
     # ------------------------------------------------------------------ set-up
     def prepare(self, resume: bool, write: bool = True) -> None:
@@ -262,12 +334,9 @@ class RunDir:
                     f = rd.expert_dir(m)
                     if ckpt.is_done(f):
                         rows += [{**r, "order": oname, **seed} for r in read_rows(f / "scores.csv")]
-            for oname, order in self.cfg.orders.items():
-                for meth in self.cfg.methods:
-                    for i, m in enumerate(order, 1):
-                        f = rd.stage_dir(oname, meth, i, m)
-                        if ckpt.is_done(f):
-                            rows += [{**r, **seed} for r in read_rows(f / "scores.csv")]
+            for st in self.stages(seeds=[rd.seed]):
+                if ckpt.is_done(st.folder):
+                    rows += [{**r, **seed} for r in read_rows(st.folder / "scores.csv")]
         path = self.out / "scores.csv"
         self.write_rows(path, rows)
         return path
@@ -292,10 +361,8 @@ class RunDir:
         for rd in self.seed_dirs():
             for m in self.experts():
                 add(rd.expert_dir(m), StageId(rd.seed, None, "expert", 1, m))
-            for oname, order in self.cfg.orders.items():
-                for meth in self.cfg.methods:
-                    for i, m in enumerate(order, 1):
-                        add(rd.stage_dir(oname, meth, i, m), StageId(rd.seed, oname, meth.name, i, m))
+            for st in self.stages(seeds=[rd.seed]):
+                add(st.folder, StageId(st.seed, st.order, st.method.name, st.index, st.modality))
         path = self.out / FILE
         write_text(path, "".join(parts))
         return path
@@ -307,30 +374,27 @@ class RunDir:
         took to train, mera.continual.sharing) and the inference profile of its final model
         (first order, first seed: the median of its rounds, their min and max, and whether it was
         measured with nothing else working in the run directory; mera.runner.profile)."""
-        from mera.runner.profile import efficiency_fields
-
         out = {}
         first = next(iter(self.cfg.orders))
         for meth in self.cfg.methods:
-            secs, peaks, ok = [], [], True
-            for rd in self.seed_dirs():
-                for oname, order in self.cfg.orders.items():
-                    total = 0.0
-                    for i, m in enumerate(order[1:], 2):
-                        f = rd.stage_dir(oname, meth, i, m)
-                        if not ckpt.is_done(f):
-                            ok = False
-                            continue
-                        c = ckpt.read_manifest(f).get("cost") or {}
-                        total += c.get("seconds", 0.0)
-                        if "peak_mib" in c:
-                            peaks.append(c["peak_mib"])
-                    secs.append(total)
+            totals: dict[tuple[int, str], float] = {}  # (seed, order) -> seconds, in plan order
+            peaks, ok = [], True
+            for st in self.stages(methods=[meth]):
+                total = totals.setdefault((st.seed, st.order), 0.0)
+                if st.is_expert:  # trained once for every method: not this method's cost
+                    continue
+                if not ckpt.is_done(st.folder):
+                    ok = False
+                    continue
+                c = ckpt.read_manifest(st.folder).get("cost") or {}
+                totals[(st.seed, st.order)] = total + c.get("seconds", 0.0)
+                if "peak_mib" in c:
+                    peaks.append(c["peak_mib"])
             if not ok:
                 continue
+            secs = list(totals.values())
             entry = {"train_seconds": sum(secs) / len(secs), "train_peak_mib": max(peaks) if peaks else None}
-            order = self.cfg.orders[first]
-            prof_file = self.seed_dirs()[0].stage_dir(first, meth, len(order), order[-1]) / "profile.json"
+            prof_file = self.seed_dirs()[0].final_stage(first, meth).folder / "profile.json"
             if prof_file.is_file():
                 try:
                     prof = json.loads(prof_file.read_text(encoding="utf-8"))
@@ -341,3 +405,33 @@ class RunDir:
                           "table leaves it out (mera profile RUN_DIR measures it again)", flush=True)
             out[meth.name] = entry
         return out
+
+
+def efficiency_fields(prof: dict) -> dict:
+    """The efficiency table's inference entries of a profile (profile.json): the median latency,
+    its spread and quietness where the profile recorded them (a profile of an earlier release has
+    one measurement and no record of quietness: those entries are left out)."""
+    out = {"infer_ms_per_token": float(prof["ms_per_token"]), "infer_peak_mib": float(prof["peak_mib"]),
+           "llm_params_m": float(prof["llm_params_m"]), "memory_kind": str(prof["memory_kind"])}
+    if "ms_per_token_min" in prof and "ms_per_token_max" in prof:
+        out.update({"infer_ms_per_token_min": float(prof["ms_per_token_min"]),
+                    "infer_ms_per_token_max": float(prof["ms_per_token_max"]), "infer_rounds": int(prof["rounds"])})
+    if "quiet" in prof:
+        out["infer_quiet"] = None if prof["quiet"] is None else bool(prof["quiet"])
+    return out
+
+
+def require_experts(rd: RunDir, units: list[Unit]) -> None:
+    """Raise when a chosen chain's expert (:func:`start_expert`) is neither done nor chosen itself,
+    naming every one missing."""
+    cfg, chosen = rd.cfg, set(units)
+    missing = []
+    for u in units:
+        e = start_expert(cfg, u) if u.kind == "chain" else None
+        if e is not None and e not in chosen and not rd.unit_done(e):
+            folder = str(rd.for_seed(e.seed).expert_dir(e.modality).relative_to(rd.out))
+            if folder not in missing:
+                missing.append(folder)
+    if missing:
+        raise MeraError(f"{rd.out}: the chains chosen with --only start from experts that are not done: "
+                        f"{', '.join(missing)}; run them first (--only experts, or --only experts/MODALITY)")

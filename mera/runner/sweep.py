@@ -38,8 +38,8 @@ from mera.config import validate
 from mera.config.loading import apply_override, parse_override
 from mera.errors import ConfigError
 from mera.io import write_text
+from mera.runner.names import slug
 from mera.runner.run_config import RunConfig
-from mera.runner.rundir import slug
 
 METRICS = {
     "last_bw": "last-stage backward RG, averaged over the orders",

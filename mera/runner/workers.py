@@ -1,6 +1,8 @@
 """``--workers N``: independent units of a run (experts, then (order, method) chains) in N
 spawned processes, each with its share of the config's CPU threads.
 
+Each worker builds a loop of the class of the loop it is given (a class reaches a spawned process
+by name, and is imported there): this module has no import of mera.runner.loop, which imports it.
 Each unit writes only its own folders (DONE last), so the run directory stays valid whatever
 finishes first; the first failure stops the pool and is raised in the parent. The workers' log
 lines and progress go to the parent through a queue (mera.runner.progress), and the parent
@@ -18,7 +20,8 @@ _LOOP = None  # this worker process's StageLoop (set up once: tokenizer, encoder
 def run_parallel(loop, phases: list[list]) -> None:
     """Run each list of units of ``phases`` in a pool of ``loop.workers`` processes, one list after
     the other (a list starts when the one before is done: the experts, then the chains built on
-    them); the pool's processes, their loaded assets and feature caches serve every list.
+    them); the pool's processes, their loaded assets and feature caches serve every list. Each
+    process builds a loop of its own, of ``loop``'s class (StageLoop).
 
     The workers send their progress and log lines to this process through a queue
     (mera.runner.progress): on a terminal (``loop.progress``) a live board, one line per worker
@@ -48,11 +51,11 @@ def run_parallel(loop, phases: list[list]) -> None:
     # which reads PYTHONWARNINGS) would warn about the pool's semaphores: not the user's concern
     os.environ.setdefault("PYTHONWARNINGS", "ignore:resource_tracker:UserWarning")
     events = ctx.Queue()
-    board = Board({u.name(loop.cfg): _weight(loop.cfg, u) for todo in todos for u in todo})
+    board = Board({u.name(loop.cfg): _weight(loop.dir, u) for todo in todos for u in todo})
     display = LiveDisplay(board, loop.log) if loop.progress else PlainDisplay(board, loop.log)
     with display, concurrent.futures.ProcessPoolExecutor(
             n, mp_context=ctx, initializer=_worker_init,
-            initargs=(loop.cfg, str(loop.out), str(loop.config_dir), threads, events)) as pool:
+            initargs=(type(loop), loop.cfg, str(loop.out), str(loop.config_dir), threads, events)) as pool:
         for todo in todos:
             futures = {pool.submit(_worker_run, u): u for u in todo}
             pending = set(futures)
@@ -76,18 +79,17 @@ def run_parallel(loop, phases: list[list]) -> None:
         drain(events, display)
 
 
-def _weight(cfg, unit) -> float:
-    """A unit's stages to train (an expert: 1; a chain: its methods' stages after the first): the ETA's guess of its cost."""
+def _weight(rd, unit) -> float:
+    """A unit's stages to train (an expert: 1; a chain: its methods' stages but the expert's copy): the ETA's guess
+    of its cost."""
     if unit.kind == "expert":
         return 1.0
-    return float(max(1, len(unit.methods) * (len(cfg.orders[unit.order]) - 1)))
+    return float(max(1, sum(not st.is_expert for k in unit.methods for st in rd.chain(unit.order, rd.cfg.methods[k]))))
 
 
-def _worker_init(cfg, out: str, config_dir: str, threads: int, events) -> None:
+def _worker_init(loop_class, cfg, out: str, config_dir: str, threads: int, events) -> None:
     global _LOOP
     import warnings
-
-    from mera.runner.loop import StageLoop
 
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     warnings.filterwarnings("ignore", category=FutureWarning)
@@ -97,8 +99,8 @@ def _worker_init(cfg, out: str, config_dir: str, threads: int, events) -> None:
         events.put({**ev, "worker": pid})
 
     # the log lines go to the main process too, which prints them (or not: its own log decides)
-    loop = StageLoop(cfg, out, config_dir=Path(config_dir), resume=True, progress=False,
-                     log=lambda msg: send({"kind": "log", "msg": msg}))
+    loop = loop_class(cfg, out, config_dir=Path(config_dir), resume=True, progress=False,
+                      log=lambda msg: send({"kind": "log", "msg": msg}))
     loop.threads = threads
     loop.events = send
     loop.defer_profile = True  # measured by the main process once the pool has ended
