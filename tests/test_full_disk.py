@@ -257,3 +257,18 @@ def test_a_full_disk_while_saving_stages_then_resume_gives_identical_scores(micr
     r = mera(*run)
     assert r.returncode == 0, r.stderr[-3000:]
     assert (out / "scores.csv").read_bytes() == (ref / "scores.csv").read_bytes()
+
+
+
+@pytest.mark.slow
+def test_a_full_disk_while_a_run_writes_its_report_fails_the_run(micro_assets, tmp_path, monkeypatch):
+    """The report at a run's end: a full disk there is the run's error (exit 2, one line), not the
+    "no report" note of a report that cannot be computed; the stages it trained stay done."""
+    from micro import micro_config
+
+    monkeypatch.setenv("MERA_HOME", str(tmp_path / "home"))
+    cfg_path = micro_config(micro_assets, tmp_path, methods=[{"name": "Fine-Tuning", "strategies": ["finetune"]}])
+    out = tmp_path / "out"
+    path = Path(error_line(mera("run", cfg_path, "--out", out, "--quiet", fault="write_report:1")))
+    assert path.is_relative_to(out) and not path.exists()
+    assert list(out.rglob("DONE")) and (out / "scores.csv").is_file()

@@ -38,7 +38,7 @@ from mera.eval.metrics import (
 )
 from mera.eval.names import ablation_rows, realign_pairs
 from mera.faults import fault_point
-from mera.io import atomic_path, write_json, write_text
+from mera.io import atomic_path, write_json, write_text, writing
 
 UP = "\u2191"  # ↑ positive backward transfer marker
 DASH = "\u2013"  # – not seen yet / no run
@@ -540,10 +540,12 @@ def _write(out_dir: str | os.PathLike, markdown: str, metrics: dict, figures: di
             Path(tmp).write_bytes(data)
             fault_point("write_report")
         written.append(path)
-    write_json(out / "metrics.json", metrics)
-    write_text(out / "report.md", markdown)
-    if page is not None:
-        write_text(out / HTML_NAME, page)
+    for path, write in [(out / "metrics.json", lambda p: write_json(p, metrics)),
+                        (out / "report.md", lambda p: write_text(p, markdown)),
+                        *([(out / HTML_NAME, lambda p: write_text(p, page))] if page is not None else [])]:
+        with writing(path):
+            fault_point("write_report")
+            write(path)
     return [out / "report.md", out / "metrics.json"] + ([out / HTML_NAME] if page is not None else []) + written
 
 
