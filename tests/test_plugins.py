@@ -55,8 +55,9 @@ def test_legacy_shorthands_become_plugin_parameters():
 @pytest.mark.parametrize("items, words", [
     (["finetune", "merge"], ["finetune and cma are both merge rules"]),
     (["ewc", "cma"], ["ewc keeps its LLM change whole", "cma"]),
-    (["pathweave", "merge", "realign"], ["pathweave keeps its LLM change whole"]),
-    (["ewc", "pathweave"], ["ewc and pathweave both decide how step B trains the LLM"]),
+    (["pathweave", "merge", "realign"], ["pathweave trains its own LLM modules", "cma", "would never run", "drop cma"]),
+    (["ewc", "pathweave"], ["ewc (LLMPolicy.CONTINUED_ADAPTER) and pathweave (LLMPolicy.OWN_MODULES) both decide",
+                            "keep one"]),
     (["realign", "realign"], ["realign listed twice"]),
     ([{"name": "realign", "ratio": 0}], ["ratio", "greater than 0"]),
     ([{"name": "ewc", "lambda": 3}], ["lambda: unknown key", "known keys: lam, gamma, fisher_ratio, adapter"]),

@@ -19,8 +19,15 @@ parameter and what was expected.
 
 The built-in plug-ins of a kind are found by importing every module of the kind's package
 (``mera.continual.merges`` for merges, ...): a new file there is picked up with no other
-change. Plug-ins outside mera register from any module listed under the ``mera.plugins``
-entry-point group of an installed package (imported when a kind is first looked up).
+change. Plug-ins outside mera register from the ``mera.plugins`` entry-point group of an
+installed package: an entry names a module whose import registers them (or a function without
+arguments, called once); every entry is loaded when a kind is first looked up.
+
+Registering a class sets its ``name`` to the registered name (the name a config gives, which
+enters a strategy's content key). A kind may add a check of its own that every registration
+passes (:func:`on_register`: strategies check their declared LLM policy there). An unknown name
+raises :class:`UnknownPlugin`; an entry point that fails to load raises a ConfigError naming the
+entry point, its target and the failure, and is tried again on the next lookup.
 """
 
 from __future__ import annotations
@@ -40,7 +47,7 @@ PACKAGES: dict[str, tuple[str, ...]] = {
     "merge": ("mera.continual.merges",),
     "encoder": ("mera.model.encoders",),
     "connector": ("mera.model.connectors",),
-    "judge": ("mera.eval.judges",),
+    "judge": ("mera.eval.judges", "mera.eval.llm_judge"),
 }
 KINDS = tuple(PACKAGES)
 
@@ -55,19 +62,33 @@ class Entry:
     info: dict = field(default_factory=dict)  # kind-specific facts (e.g. a strategy's slots)
 
 
+class UnknownPlugin(ConfigError):
+    """No plug-in of the kind has the name (or alias) looked up."""
+
+
 _ENTRIES: dict[str, dict[str, Entry]] = {k: {} for k in KINDS}
 _ALIASES: dict[str, dict[str, str]] = {k: {} for k in KINDS}
-_LOADED: set[str] = set()
+_CHECKS: dict[str, list[Callable[[Entry], None]]] = {k: [] for k in KINDS}
+_LOADED: set[str] = set()  # kinds whose built-ins and entry points all loaded
+_LOADING: set[str] = set()  # kinds being loaded (a plug-in module that looks a plug-in up while imported)
+_EPS_DONE: set[tuple[str, str]] = set()  # (name, target) of the entry points loaded
 
 
 def register(kind: str, name: str, params: type[BaseModel] | None = None, *, aliases: tuple[str, ...] = (),
              **info) -> Callable:
-    """Decorator: register a class or factory as the plug-in ``name`` of ``kind``."""
+    """Decorator: register a class or factory as the plug-in ``name`` of ``kind``; a class's ``name``
+    is set to ``name``. ``info``: kind-specific facts (checked by the kind's :func:`on_register` checks,
+    which raise ConfigError naming the plug-in)."""
     if kind not in _ENTRIES:
         raise ValueError(f"unknown plug-in kind {kind!r}; kinds: {', '.join(KINDS)}")
 
     def deco(obj):
-        _ENTRIES[kind][name] = Entry(kind, name, obj, params, tuple(aliases), dict(info))
+        entry = Entry(kind, name, obj, params, tuple(aliases), dict(info))
+        for check in _CHECKS[kind]:
+            check(entry)
+        if isinstance(obj, type):
+            obj.name = name
+        _ENTRIES[kind][name] = entry
         for a in aliases:
             _ALIASES[kind][a] = name
         return obj
@@ -75,23 +96,48 @@ def register(kind: str, name: str, params: type[BaseModel] | None = None, *, ali
     return deco
 
 
-def _load(kind: str) -> None:
-    """Import the built-in modules of ``kind`` (and installed plug-in packages) once."""
-    if kind in _LOADED:
+def on_register(kind: str, check: Callable[[Entry], None]) -> None:
+    """Run ``check(entry)`` on every plug-in of ``kind`` registered from now on and on those registered
+    already: it may complete ``entry.info`` (and the class) or raise ConfigError naming the plug-in."""
+    if check in _CHECKS[kind]:
         return
+    _CHECKS[kind].append(check)
+    for entry in list(_ENTRIES[kind].values()):
+        check(entry)
+
+
+def _load(kind: str) -> None:
+    """Import the built-in modules of ``kind`` and the installed plug-in packages' entry points (until
+    they all load: a failed entry point raises again on the next lookup)."""
+    if kind in _LOADED or kind in _LOADING:
+        return
+    _LOADING.add(kind)
+    try:
+        for pkg_name in PACKAGES[kind]:
+            pkg = importlib.import_module(pkg_name)
+            for mod in pkgutil.iter_modules(getattr(pkg, "__path__", [])):
+                if not mod.name.startswith("_"):
+                    importlib.import_module(f"{pkg_name}.{mod.name}")
+        _load_entry_points()
+    finally:
+        _LOADING.discard(kind)
     _LOADED.add(kind)
-    for pkg_name in PACKAGES[kind]:
-        pkg = importlib.import_module(pkg_name)
-        for mod in pkgutil.iter_modules(getattr(pkg, "__path__", [])):
-            if not mod.name.startswith("_"):
-                importlib.import_module(f"{pkg_name}.{mod.name}")
+
+
+def _load_entry_points() -> None:
     from importlib.metadata import entry_points
 
     for ep in entry_points(group="mera.plugins"):
+        if (ep.name, ep.value) in _EPS_DONE:
+            continue
         try:
-            ep.load()
+            target = ep.load()
+            if callable(target) and not isinstance(target, type):  # a registration function
+                target()
         except Exception as e:  # a broken third-party plug-in names itself, not a traceback
-            raise ConfigError(f"plug-in package entry point {ep.name!r} ({ep.value}) failed to load: {e}") from None
+            raise ConfigError(f"plug-in entry point {ep.name!r} ({ep.value}) failed to load: "
+                              f"{type(e).__name__}: {e}") from None
+        _EPS_DONE.add((ep.name, ep.value))
 
 
 def names(kind: str) -> list[str]:
@@ -100,7 +146,7 @@ def names(kind: str) -> list[str]:
 
 
 def lookup(kind: str, name: str) -> Entry:
-    """The entry of ``name`` (or an alias of it); ConfigError naming the known ones otherwise."""
+    """The entry of ``name`` (or an alias of it); UnknownPlugin naming the known ones otherwise."""
     _load(kind)
     key = _ALIASES[kind].get(name, name)
     if key not in _ENTRIES[kind]:
@@ -109,7 +155,7 @@ def lookup(kind: str, name: str) -> Entry:
         known = names(kind)
         close = difflib.get_close_matches(str(name), known + sorted(_ALIASES[kind]), n=1)
         hint = f"did you mean {close[0]!r}? " if close else ""
-        raise ConfigError(f"unknown {kind} {name!r} ({hint}known: {', '.join(known)})")
+        raise UnknownPlugin(f"unknown {kind} {name!r} ({hint}known: {', '.join(known)})")
     return _ENTRIES[kind][key]
 
 

@@ -6,9 +6,10 @@
       - {name: EWC, strategies: [{name: ewc, lam: 100, fisher_ratio: 0.01}]}
 
 An item is a plug-in's name, or ``{name: ..., <its parameters>}``; the parameters are
-validated against the plug-in's pydantic model, and the combination is checked (one merge
-rule, one strategy that decides how the LLM trains, no merge rule on a delta that must stay
-whole) when the config loads, before anything trains.
+validated against the plug-in's pydantic model, and the combination is checked when the
+config loads, before anything trains (:func:`check_combination`: one merge rule, at most one
+strategy that declares an LLM policy, no merge rule where there is no adapter delta to merge or
+where the delta must stay whole).
 
 The first release's shorthands are still read: ``merge`` is ``cma``; ``replay_ratio`` sets the
 ratio of ``replay`` and of ``realign`` (``realign_ratio`` overrides the latter),
@@ -23,6 +24,7 @@ from pydantic import Field, field_validator, model_validator
 
 from mera.config import registry
 from mera.config.base import StrictModel
+from mera.continual.strategies import LLMPolicy, llm_policy
 from mera.errors import ConfigError
 
 # legacy key -> [(plug-in, parameter)] it sets when the plug-in is in the list
@@ -36,11 +38,12 @@ LEGACY = {
 
 
 def resolve(name: str) -> registry.Entry:
-    """The merge rule or strategy called ``name`` (ValueError naming both kinds' plug-ins)."""
+    """The merge rule or strategy called ``name`` (ValueError naming both kinds' plug-ins); a plug-in
+    package that fails to load raises its own ConfigError (naming its entry point and the failure)."""
     for kind in ("merge", "strategy"):
         try:
             return registry.lookup(kind, name)
-        except Exception:
+        except registry.UnknownPlugin:
             continue
     import difflib
 
@@ -123,7 +126,10 @@ class MethodConfig(StrictModel):
 
 
 def check_combination(method: str, items: list[dict]) -> None:
-    """ValueError (one line) unless the plug-ins of ``items`` can be combined."""
+    """ValueError (one line naming the method, the plug-ins and what to do) unless every plug-in of
+    ``items`` can act: one merge rule at most, one strategy at most that declares how step B trains
+    the LLM, and no merge rule other than ``finetune`` where there is no adapter delta to merge
+    (an ``OWN_MODULES`` or ``FROZEN`` strategy) or where the delta must be folded whole."""
     names = [x["name"] for x in items]
     dup = sorted({n for n in names if names.count(n) > 1})
     if dup:
@@ -133,13 +139,27 @@ def check_combination(method: str, items: list[dict]) -> None:
     if len(merges) > 1:
         raise ValueError(f"method {method!r}: {' and '.join(merges)} are both merge rules (they decide how the "
                          "stage's LLM delta is folded); keep one")
-    llm = [e.name for e in entries if e.kind == "strategy" and e.info.get("llm")]
-    if len(llm) > 1:
-        raise ValueError(f"method {method!r}: {' and '.join(llm)} both decide how step B trains the LLM; keep one")
+    try:
+        policies = {e.name: llm_policy(e) for e in entries if e.kind == "strategy"}
+    except ConfigError as e:
+        raise ValueError(str(e)) from None
+    deciding = [(n, p) for n, p in policies.items() if p is not None]
+    if len(deciding) > 1:
+        said = " and ".join(f"{n} (LLMPolicy.{p.name})" for n, p in deciding)
+        raise ValueError(f"method {method!r}: {said} both decide how step B trains the LLM (only the first would "
+                         "act); keep one")
+    merge = merges[0] if merges else None
+    if merge is None or merge == "finetune":
+        return
+    for n, p in deciding:
+        if p in (LLMPolicy.OWN_MODULES, LLMPolicy.FROZEN):
+            what = "trains its own LLM modules" if p is LLMPolicy.OWN_MODULES else "keeps the LLM frozen"
+            raise ValueError(f"method {method!r}: {n} {what} (LLMPolicy.{p.name}), so no adapter delta is left "
+                             f"for the merge rule {merge} to fold and it would never run; drop {merge}")
     whole = [e.name for e in entries if e.kind == "strategy" and e.info.get("whole_delta")]
-    if whole and merges and merges[0] != "finetune":
+    if whole:
         raise ValueError(f"method {method!r}: {whole[0]} keeps its LLM change whole, so the merge rule "
-                         f"{merges[0]} cannot apply; drop one of them")
+                         f"{merge} cannot apply; drop one of them")
 
 
 def build_method(method: MethodConfig):
@@ -151,7 +171,8 @@ def build_method(method: MethodConfig):
         obj = registry.build(entry.kind, entry.name, opts, f"method {method.name!r}")
         if entry.kind == "merge":
             merge = obj
-        else:
+        else:  # a factory's product too carries its registered name (it enters the step's content key)
+            obj.name, obj.llm_policy = entry.name, llm_policy(entry)
             strategies.append(obj)
     if merge is None:
         merge = registry.build("merge", "finetune")

@@ -7,23 +7,22 @@ from pathlib import Path
 
 from mera.continual import checkpoint as ckpt
 from mera.continual.assets import Assets
+from mera.continual.strategies import layout_owner
 from mera.errors import CheckpointError
 
 
 def load_stage(assets: Assets, folder: str | Path):
-    """The base LLM with every fold of the chain, the strategy's own LLM modules (if any), and
-    every connector of the stage."""
+    """The base LLM with every fold of the chain, the strategy's own LLM modules (if any: installed
+    by the strategy the manifest's ``llm_modules`` names, its ``install`` hook), and every connector
+    of the stage."""
     folder = Path(folder)
     model = assets.base_model()
     ckpt.apply_stage_llm(model.llm, folder)
     manifest = ckpt.read_manifest(folder)
     layout = manifest.get("llm_modules")
     if layout:
-        if layout.get("kind") != "pathweave":
-            raise CheckpointError(f"{folder}: unknown LLM modules {layout.get('kind')!r} in the manifest")
-        from mera.continual.strategies.pathweave import install_from_state
-
-        install_from_state(model.llm, layout, ckpt.load_strategy_tensors(folder), route=model.batch_modalities)
+        owner = layout_owner(layout, str(folder / ckpt.MANIFEST))
+        owner.install(model.llm, layout, ckpt.load_strategy_tensors(folder), route=model.batch_modalities)
     branches = assets.cfg.model.branches
     for m, state in ckpt.load_connectors(folder).items():
         if m not in branches:

@@ -23,7 +23,7 @@ from mera.continual.checkpoint import ChainView
 from mera.continual.deltas import Delta
 from mera.continual.replay import ReplayMemory
 from mera.continual.sharing import StepResult, StepStore, align_key, connector_digest, load_step, step_key
-from mera.continual.strategies import Continue, InstructStep, OwnModules, StageContext
+from mera.continual.strategies import Continue, InstructStep, LLMPolicy, OwnModules, StageContext
 from mera.data.pipeline import ItemDataset
 from mera.errors import CheckpointError
 from mera.model.collate import MultimodalCollator
@@ -211,9 +211,12 @@ def _train_step(assets: Assets, ctx: StageContext, strategies: list, store: Step
     conn = model.connector_parameters(m)
     _align(assets, ctx, conn, store)
 
-    # the LLM's adapter in step B: a strategy's own modules, a continued LoRA, or a fresh one
+    # the LLM's adapter in step B: a strategy's own modules, a continued LoRA, or a fresh one; none
+    # where a strategy declares the LLM frozen (its policy: no delta, so nothing for the merge rule)
     adapters = [a for a in (s.adapter(ctx) for s in strategies) if a is not None]
     adapter = adapters[0] if adapters else None
+    if adapter is None and any(getattr(s, "llm_policy", None) == LLMPolicy.FROZEN for s in strategies):
+        adapter = OwnModules([])
     if isinstance(adapter, OwnModules):
         _instruct(assets, ctx, strategies, conn, adapter.params)
         return StepResult(own=True, pre_folds=list(ctx.folds))

@@ -22,57 +22,30 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from mera.errors import CheckpointError, ConfigError
-from mera.interop._common import _load_tensors, _prepare_out, _save_tensors
+from mera.interop._common import (
+    EXPORT_FORMAT,
+    MANIFESTS,
+    _load_tensors,
+    _prepare_out,
+    assets_for,
+    branch_entry,
+    existing_manifest,
+    find_run_dir,
+    guess_config_dir,
+    stage_source,
+)
+from mera.interop.llava_export import export_llava, load_llava_parts
 from mera.io import atomic_dir, write_json
 
 if TYPE_CHECKING:  # pragma: no cover
     import torch
 
-EXPORT_FORMAT = "mera-export-v1"
+# the public names (the run and manifest helpers live in mera.interop._common, shared with llava_export)
+__all__ = ["EXPORT_FORMAT", "FORMATS", "MANIFESTS", "assets_for", "branch_entry", "check_stage", "existing_manifest",
+           "export_stage", "find_run_dir", "guess_config_dir", "is_export", "load_exported", "manifest_file",
+           "read_export_manifest", "stage_source"]
+
 FORMATS = ("mera", "llava")  # --format: mera's own layout, or a transformers LlavaForConditionalGeneration folder
-# where the manifest of each layout lives (the llava layout keeps the top folder a plain HF folder)
-MANIFESTS = ("manifest.json", "mera_branches/manifest.json")
-
-
-def find_run_dir(stage: Path) -> Path:
-    """The run directory holding the stage folder ``stage`` (the nearest parent with config.yaml)."""
-    for p in [stage, *stage.parents][:5]:
-        if (p / "config.yaml").is_file():
-            return p
-    raise CheckpointError(f"{stage}: no run directory with config.yaml above this stage folder")
-
-
-def _relative_refs(cfg) -> list[str]:
-    refs = [cfg.model.llm, cfg.model.tokenizer or ""]
-    for b in cfg.model.branches.values():
-        refs += [b.encoder.path or "", b.pretrained_connector or ""]
-    for p in cfg.data.sets.values():
-        refs += [p.caption_train, p.caption_test, p.qa_train, p.qa_test]
-    return [r for r in refs if r and not r.startswith("zoo:") and not Path(r).expanduser().is_absolute()]
-
-
-def guess_config_dir(cfg, run_dir: Path, config_dir: str | os.PathLike | None = None) -> Path:
-    """The folder that relative paths of a run's config are relative to: ``config_dir`` when given,
-    else the first of (working folder, run folder, its parent) where they all exist."""
-    if config_dir is not None:
-        return Path(config_dir).resolve()
-    refs = _relative_refs(cfg)
-    for cand in (Path.cwd(), run_dir, run_dir.parent):
-        if all((cand / r).exists() for r in refs):
-            return cand.resolve()
-    return Path.cwd()
-
-
-def assets_for(run_dir: Path, config_dir=None, progress: bool = False, data: bool = False):
-    """The :class:`~mera.continual.assets.Assets` of the finished run in ``run_dir``: enough to load
-    and use its stages (``data=True`` also loads its data sets; the judge is never built)."""
-    from mera.config import load_config
-    from mera.continual.assets import load_assets
-    from mera.runner.run_config import RunConfig
-
-    cfg = load_config(run_dir / "config.yaml", [], RunConfig)
-    return load_assets(cfg, guess_config_dir(cfg, run_dir, config_dir), cache_dir=run_dir / ".features", data=data,
-                       judge=False, progress=progress, threads=cfg.threads)
 
 
 def check_stage(stage: Path) -> dict:
@@ -95,15 +68,17 @@ def export_stage(stage_dir: str | os.PathLike, out_dir: str | os.PathLike, *, co
     stage = Path(stage_dir).expanduser().resolve()
     out = Path(out_dir).expanduser().resolve()
     manifest = check_stage(stage)
-    if manifest.get("llm_modules"):
-        kind = manifest["llm_modules"].get("kind", "?")
-        raise CheckpointError(f"{stage}: a {kind} stage: its LLM holds extra modules (PathWeave's adapters) that "
-                              "cannot be folded into a plain HF model, so it cannot be exported; "
-                              "`mera generate` works on the stage folder itself")
+    layout = manifest.get("llm_modules")
+    if layout:  # a strategy's own LLM modules: its export_check says whether they can leave the stage
+        from mera.continual.strategies import layout_owner
+
+        owner = layout_owner(layout, str(stage))
+        why = owner.export_check(layout)
+        if why:
+            raise CheckpointError(f"{stage}: a {owner.name} stage: {why}, so it cannot be exported; "
+                                  "`mera generate` works on the stage folder itself")
     run_dir = find_run_dir(stage)
     if fmt == "llava":
-        from mera.interop.llava_export import export_llava
-
         return export_llava(stage, out, manifest, run_dir, config_dir=config_dir, force=force, assets=assets)
     _prepare_out(out, force, "exported model", stage, existing_manifest(out), EXPORT_FORMAT)
     from mera.continual.stages import load_stage
@@ -128,45 +103,6 @@ def export_stage(stage_dir: str | os.PathLike, out_dir: str | os.PathLike, *, co
         }
         write_json(tmp / "manifest.json", info)
     return info
-
-
-def existing_manifest(out: Path) -> str:
-    """The manifest file (relative to ``out``) by which ``--force`` recognises an earlier export in
-    ``out``, of either layout: an export of one format may replace one of the other."""
-    for name in MANIFESTS[::-1]:
-        if (out / name).is_file():
-            return name
-    return MANIFESTS[0]
-
-
-def stage_source(stage: Path, run_dir: Path, manifest: dict) -> dict:
-    from mera.continual import checkpoint as ckpt
-
-    return {"run": str(run_dir), "stage": str(stage), "kind": manifest.get("kind"),
-            "stage_index": manifest.get("stage"), "modality": manifest.get("modality"),
-            "chain": [str(p) for p in ckpt.chain(stage)]}
-
-
-def branch_entry(root: Path, model, assets, stage: Path, m: str) -> dict:
-    """The manifest entry of modality ``m`` (encoder reference, connector config), its connector
-    written to ``root/connectors/<m>.safetensors``."""
-    b = assets.cfg.model.branches.get(m)
-    if b is None:
-        raise CheckpointError(f"{stage}: has a {m!r} connector but the run's config has no such branch")
-    if not b.encoder.path:
-        raise CheckpointError(f"{stage}: the {m!r} encoder ({b.encoder.family}) has no path in the run's "
-                              "config, so the export cannot refer to it")
-    conn_cfg = b.connector.model_dump(mode="json")
-    if conn_cfg.get("init_from"):  # the BERT folder fixes the Q-Former's sizes
-        conn_cfg["init_from"] = os.path.abspath(conn_cfg["init_from"])
-    file = f"connectors/{m}.safetensors"
-    _save_tensors(root / file, model.branch(m).connector.state_dict())
-    return {
-        "encoder": {"family": b.encoder.family, "path": str(Path(assets.resolve(b.encoder.path)).resolve()),
-                    "options": dict(b.encoder.options)},
-        "connector": conn_cfg,
-        "connector_file": file,
-    }
 
 
 def manifest_file(folder: Path) -> Path | None:
@@ -216,8 +152,6 @@ def load_exported(folder: str | os.PathLike, device: str | torch.device | None =
     llm_dir = (root / m.get("llm", "llm")).resolve()
     dtype = getattr(torch, m.get("dtype") or "float32")
     if m.get("layout") == "llava":
-        from mera.interop.llava_export import load_llava_parts
-
         llm, tok, llava_branches = load_llava_parts(llm_dir, dtype)
     else:
         try:

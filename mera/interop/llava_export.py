@@ -29,9 +29,10 @@ import copy
 from pathlib import Path
 
 from mera.errors import CheckpointError, ConfigError
-from mera.interop._common import _dtype_name, _prepare_out
-from mera.interop.export import (
+from mera.interop._common import (
     EXPORT_FORMAT,
+    _dtype_name,
+    _prepare_out,
     assets_for,
     branch_entry,
     existing_manifest,

@@ -27,10 +27,9 @@ import math
 from dataclasses import asdict
 from pathlib import Path
 
-import torch
-from torch import nn
-
+from mera.continual.strategies import OwnModuleCounts
 from mera.errors import ConfigError
+from mera.runner.rundir import RunDir
 from mera.train.plan import GIB, Phase, Preset, Shapes, build_shapes, layer_bytes, memory_per_gpu, optimizer_steps, token_bytes
 
 
@@ -72,25 +71,6 @@ def _share(n: int | None, ratio: float) -> int | None:
     return None if n is None else (min(n, max(1, int(round(ratio * n)))) if n else 0)
 
 
-def _pathweave_counts(s: Shapes, t: int, params) -> tuple[int, int]:
-    """(trainable, frozen) parameters of PathWeave's own modules when its adapter t trains (t >= 1):
-    a PathWeaveLinear built on the meta device for every adapted shape, with t + 1 adapters."""
-    from mera.continual.strategies.pathweave import PathWeaveLinear
-
-    trainable = frozen = 0
-    for (i, o), count in s.adapted_shapes.items():
-        with torch.device("meta"):
-            m = PathWeaveLinear(nn.Linear(i, o, bias=False), s.lora_rank, 1.0, in_adapter=params.in_adapter,
-                                in_hidden=params.in_rank, top_k=params.top_k, noise=params.noise)
-            for k in range(t + 1):
-                m.add_adapter(f"m{k}", init=False)
-        mine = sum(p.numel() for p in m.path_parameters(t))
-        everything = sum(p.numel() for n, p in m.named_parameters() if not n.startswith("base."))
-        trainable += count * mine
-        frozen += count * (everything - mine)
-    return trainable, frozen
-
-
 def _resolver(cfg, config_dir: Path):
     """path -> absolute path, as a run resolves it (``zoo:`` parts of the toy zoo, which must be built)."""
     zoo = None
@@ -129,10 +109,10 @@ def plan(cfg, config_dir: str | Path, preset: Preset, text_tokens: int = 128, de
     phases: list[Phase] = []
 
     def phase(label: str, name: str, method: str, samples: int | None, media: list[str], *,
-              connectors: int, frozen_connectors: int = 0, lora: bool = False, pathweave: tuple | None = None,
+              connectors: int, frozen_connectors: int = 0, lora: bool = False, own: OwnModuleCounts | None = None,
               extra: int = 0, notes: tuple = ()) -> None:
-        """One phase: ``connectors`` trainable connector parameters (fp32), a LoRA or PathWeave's
-        (trainable, frozen, adapters on the path) modules (in the LLM's dtype), the frozen rest."""
+        """One phase: ``connectors`` trainable connector parameters (fp32), a LoRA or a strategy's own LLM
+        modules (``own``: trainable, frozen, adapters on the path; in the LLM's dtype), the frozen rest."""
         pc = getattr(tc, name)
         micro = min(pc.micro_batch_size or pc.batch_size, pc.batch_size)
         trainable, frozen = {"connectors": connectors}, {"LLM": s.llm_params, "encoders": enc_params}
@@ -142,10 +122,10 @@ def plan(cfg, config_dir: str | Path, preset: Preset, text_tokens: int = 128, de
             trainable["LoRA"] = s.lora_params
             tb += 4 * s.lora_params
             copies = 1
-        if pathweave:
-            tr, fr, copies = pathweave
-            trainable["PathWeave"], frozen["PathWeave"] = tr, fr
-            tb, fb = tb + dt_bytes * tr, fb + dt_bytes * fr
+        if own is not None:  # a strategy's own LLM modules (its plan_counts), in the LLM's dtype
+            trainable[own.label], frozen[own.label] = own.trainable, own.frozen
+            tb, fb = tb + dt_bytes * own.trainable, fb + dt_bytes * own.frozen
+            copies = own.lora_copies
         if frozen_connectors:
             frozen["connectors"] = frozen_connectors
             fb += 4 * frozen_connectors
@@ -162,21 +142,22 @@ def plan(cfg, config_dir: str | Path, preset: Preset, text_tokens: int = 128, de
         return _add(sizes[m]["caption_train"], sizes[m]["qa_train"])
 
     # ---- experts (trained once per seed, reused by every method and order)
-    experts: list[str] = []
-    for order in cfg.orders.values():  # as mera.runner.rundir.RunDir.experts
-        experts += [m for m in order if m not in experts]
-    for m in experts:
+    rd = RunDir(".", cfg)  # the plan's stages (the first seed's: every seed trains the same)
+    for m in rd.experts():
         if cfg.model.branches[m].pretrained_connector:  # an imported branch: nothing to train
             continue
         phase(f"expert {m}", "align", "expert", sizes[m]["caption_train"], [m], connectors=conn([m]))
         phase(f"expert {m}", "instruct", "expert", train_set(m), [m], connectors=conn([m]), lora=True)
-    # ---- every order, method and stage after the first (stage 1 is the first modality's expert)
-    for oname, order in cfg.orders.items():
+    # ---- every order, method and stage but the expert's copy (rundir.expert_modality)
+    for oname in cfg.orders:
         for meth in cfg.methods:
             strategies, _merge = build_method(meth)
             by_name = {x.name: x for x in strategies}
-            for i, m in enumerate(order[1:], 2):
-                seen, old, label = order[:i], order[:i - 1], f"{oname} s{i} {m}"
+            for st in rd.chain(oname, meth):
+                if st.is_expert:
+                    continue
+                i, m, seen, old = st.index, st.modality, list(st.seen), list(st.seen[:-1])
+                label = f"{oname} s{i} {m}"
                 phase(label, "align", meth.name, sizes[m]["caption_train"], [m], connectors=conn([m]),
                       frozen_connectors=conn(old))
                 data, media, extra, notes = train_set(m), [m], 0, []
@@ -194,13 +175,13 @@ def plan(cfg, config_dir: str | Path, preset: Preset, text_tokens: int = 128, de
                         notes.append("EWC: fp32 Fisher and anchor of the LoRA")
                     if preset.kind == "fsdp":
                         notes.append("EWC is refused under FSDP (docs/distributed.md): use DDP for it")
-                pathweave = None
-                if "pathweave" in by_name:  # adapter i-1 and its path train instead of a LoRA
-                    tr, fr = _pathweave_counts(s, i - 1, by_name["pathweave"].params)
-                    pathweave = (tr, fr, i)
-                    notes.append(f"PathWeave: adapter {i - 1} and its path train; activations counted as {i} LoRAs")
+                own = None  # a strategy with its own LLM modules trains them instead of a LoRA (its plan_counts)
+                for x in strategies:
+                    own = own or x.plan_counts(s, i)
+                if own is not None and own.note:
+                    notes.append(own.note)
                 phase(label, "instruct", meth.name, data, media, connectors=trained, frozen_connectors=frozen_old,
-                      lora=pathweave is None, pathweave=pathweave, extra=extra, notes=tuple(notes))
+                      lora=own is None, own=own, extra=extra, notes=tuple(notes))
                 if "realign" in by_name:  # every connector on the r% memories of every seen modality
                     n: int | None = 0
                     for o in seen:

@@ -13,10 +13,25 @@ pydantic model of its parameters and overrides only the hooks it needs (all opti
 - ``after_instruct(ctx)``: after step B, the adapter still attached (e.g. estimate a Fisher).
 - ``after_stage(ctx)``: after the fold, before the checkpoint (e.g. realign the connectors).
 
-The registration's keywords state what a strategy decides, so that a method's combination is
-checked when its config loads (mera.continual.methods): ``llm="own" | "continued"`` (it
-decides how step B trains the LLM: one such strategy per method) and ``whole_delta=True``
-(its LLM delta must be folded whole: no merge rule other than ``finetune`` applies).
+**The LLM policy.** A strategy that decides how step B trains the LLM declares it, an
+:class:`LLMPolicy`, as the class attribute ``llm_policy`` or at registration
+(``register("strategy", "ewc", EWCParams, llm=LLMPolicy.CONTINUED_ADAPTER)``; the first
+release's strings ``"own"`` / ``"continued"`` are read too, any other value is a registration
+error naming the plug-in). A strategy that leaves the LLM to the others (replay, realign)
+declares nothing. ``whole_delta=True`` at registration says the strategy's LLM delta must be
+folded whole. The config loader refuses a method whose parts cannot all act
+(mera.continual.methods): two strategies that declare a policy, or a merge rule other than
+``finetune`` beside an ``OWN_MODULES`` or ``FROZEN`` strategy (no adapter delta to merge) or a
+``whole_delta`` one.
+
+**Own LLM modules.** A strategy that trains its own modules (``OWN_MODULES``) saves their layout
+in ``ctx.llm_modules``, a dict whose ``kind`` is the strategy's registered name, and their weights
+in ``ctx.tensors``. Three hooks let the rest of mera use a stage of it without knowing the
+strategy: the class method ``install(llm, layout, tensors, route)`` rebuilds the modules when a
+stage is loaded (mera.continual.stages), the class method ``export_check(layout)`` says why a stage
+cannot be exported as a plain model (mera.interop.export; by default the class attribute
+``export_refusal``), and ``plan_counts(shapes, stage)`` counts their parameters for ``mera plan``
+(:class:`OwnModuleCounts`). :func:`layout_owner` finds the strategy of a saved layout.
 
 Two class attributes say what a stage's training depends on, so that a step two methods train
 identically is trained once (mera.continual.sharing): ``only_after_stage = True`` (the strategy
@@ -26,7 +41,7 @@ a strategy is assumed to, e.g. replay). ``training_key(ctx)`` and ``reads(ctx)``
 stage (EWC reads the previous modality only where it estimates a Fisher from it); ``restore(ctx)``
 rebuilds a strategy's own LLM modules from ``ctx.llm_modules`` / ``ctx.tensors`` when a step is
 reused instead of trained. A third-party strategy that keeps the defaults is never wrongly
-shared: its parameters and every earlier connector enter the key.
+shared: its registered name, its parameters and every earlier connector enter the key.
 
 Strategies see a :class:`StageContext`, never the run loop or the run directory.
 """
@@ -34,15 +49,72 @@ Strategies see a :class:`StageContext`, never the run loop or the run directory.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from enum import Enum
 from typing import TYPE_CHECKING, Callable
 
 import torch
+
+from mera.config import registry
+from mera.errors import CheckpointError, ConfigError
 
 if TYPE_CHECKING:  # pragma: no cover
     from mera.continual.deltas import Delta
     from mera.data.format import Sample
     from mera.model.mllm import MultimodalLM
     from mera.train.loop import PhaseResult
+    from mera.train.plan import Shapes
+
+
+class LLMPolicy(str, Enum):
+    """How a strategy's stages train the LLM (its values are the registration keywords' strings)."""
+
+    FRESH_ADAPTER = "fresh"  # a fresh LoRA each stage, its delta handed to the merge rule (no strategy: this)
+    CONTINUED_ADAPTER = "continued"  # the same adapter trained again each stage (EWC)
+    OWN_MODULES = "own"  # the strategy's own LLM modules instead of a LoRA (PathWeave)
+    FROZEN = "frozen"  # the LLM stays frozen: step B trains the connectors only, nothing to merge
+
+
+def _policy(value, where: str) -> "LLMPolicy | None":
+    """``value`` (an LLMPolicy, one of its strings or names, or None) as an LLMPolicy; ConfigError naming ``where``."""
+    if value is None or isinstance(value, LLMPolicy):
+        return value
+    for p in LLMPolicy:
+        if isinstance(value, str) and value in (p.value, p.name, p.name.lower()):
+            return p
+    raise ConfigError(f"{where}: llm={value!r} is not an LLM policy; use one of "
+                      + ", ".join(f"LLMPolicy.{p.name}" for p in LLMPolicy))
+
+
+def _check_registration(entry: "registry.Entry") -> None:
+    """A strategy's declared LLM policy (``llm=`` at registration or the class's ``llm_policy``) as an
+    LLMPolicy in ``entry.info["llm"]`` (and on the class); a bad value names the plug-in."""
+    where = f"strategy plug-in {entry.name!r}"
+    declared = _policy(entry.info.get("llm"), where)
+    on_class = _policy(getattr(entry.obj, "llm_policy", None), where) if isinstance(entry.obj, type) else None
+    if declared is not None and on_class is not None and declared != on_class \
+            and "llm_policy" in vars(entry.obj):
+        raise ConfigError(f"{where}: registered with llm={declared.name} but its class declares "
+                          f"llm_policy = {on_class.name}; declare it once")
+    policy = declared if declared is not None else on_class
+    entry.info["llm"] = policy
+    if isinstance(entry.obj, type):
+        entry.obj.llm_policy = policy
+
+
+def llm_policy(entry: "registry.Entry") -> "LLMPolicy | None":
+    """The LLM policy a registered strategy declares (None: it leaves the LLM to the others)."""
+    return _policy(entry.info.get("llm"), f"strategy plug-in {entry.name!r}")
+
+
+@dataclass
+class OwnModuleCounts:
+    """What a strategy's own LLM modules weigh in one phase of ``mera plan`` (mera.runner.plan)."""
+
+    label: str  # the plan's name of the modules (a column of its trainable / frozen parameters)
+    trainable: int  # parameters step B trains
+    frozen: int  # parameters of the modules it keeps frozen
+    lora_copies: int  # LoRA-sized adapters the activations pass through (the memory estimate's)
+    note: str = ""  # a line for the plan's notes
 
 
 @dataclass
@@ -98,7 +170,8 @@ class StageContext:
 class Strategy:
     """Base: every hook does nothing. ``params`` are the validated parameters (or None)."""
 
-    name = "strategy"
+    name = "strategy"  # set to the registered name by register() (and on a factory's product by build_method)
+    llm_policy: LLMPolicy | None = None  # how step B trains the LLM; None: the strategy does not decide it
     only_after_stage = False  # True: the strategy acts only in after_stage (the training is not its)
     reads_old_modalities = True  # False: its training passes no earlier modality's data through a connector
 
@@ -134,5 +207,49 @@ class Strategy:
     def after_stage(self, ctx: StageContext) -> None:
         pass
 
+    # ---- a strategy with its own LLM modules (OWN_MODULES); the defaults suit the LoRA strategies
 
-__all__ = ["Continue", "InstructStep", "OwnModules", "StageContext", "Strategy"]
+    # why a stage whose LLM holds the strategy's own modules cannot be exported (export_check's answer)
+    export_refusal: str | None = "its LLM holds modules of its own that cannot be folded into a plain HF model"
+
+    @classmethod
+    def install(cls, llm: torch.nn.Module, layout: dict, tensors: dict, route=None) -> None:
+        """Rebuild the strategy's own modules on ``llm`` (the base LLM with the chain's folds) from a
+        stage folder's ``layout`` (the manifest's ``llm_modules``) and ``tensors`` (its
+        strategy.safetensors); ``route``: the model's ``batch_modalities``."""
+        raise CheckpointError(f"strategy {cls.name!r} saved LLM modules of its own but has no install hook "
+                              "to rebuild them")
+
+    @classmethod
+    def export_check(cls, layout: dict) -> str | None:
+        """None if a stage whose LLM holds this strategy's modules (``layout``) can be exported as a plain
+        model, else why not (mera export prints it): ``export_refusal`` unless a strategy decides per layout."""
+        return cls.export_refusal
+
+    def plan_counts(self, shapes: "Shapes", stage: int) -> OwnModuleCounts | None:
+        """The strategy's own LLM modules when stage ``stage`` (1-based, >= 2) trains them, for
+        ``mera plan``; None (the default): step B trains a LoRA."""
+        return None
+
+
+def layout_owner(layout: dict, where: str) -> type[Strategy]:
+    """The registered strategy class whose own LLM modules ``layout`` describes (its ``kind``: the
+    strategy's registered name); CheckpointError naming ``where`` otherwise."""
+    kind = layout.get("kind") if isinstance(layout, dict) else None
+    if not isinstance(kind, str):
+        raise CheckpointError(f"{where}: the manifest's llm_modules name no strategy (no 'kind')")
+    try:
+        entry = registry.lookup("strategy", kind)
+    except registry.UnknownPlugin:
+        raise CheckpointError(f"{where}: the stage's LLM holds modules of the strategy {kind!r}, which is not "
+                              f"installed (strategies: {', '.join(registry.names('strategy'))})") from None
+    if not (isinstance(entry.obj, type) and issubclass(entry.obj, Strategy)):
+        raise CheckpointError(f"{where}: the strategy {kind!r} that saved the stage's LLM modules is not a "
+                              "Strategy class, so it has no hooks to rebuild them")
+    return entry.obj
+
+
+registry.on_register("strategy", _check_registration)
+
+__all__ = ["Continue", "InstructStep", "LLMPolicy", "OwnModuleCounts", "OwnModules", "StageContext", "Strategy",
+           "layout_owner", "llm_policy"]

@@ -37,7 +37,7 @@ from pydantic import Field
 
 from mera.config.base import StrictModel
 from mera.config.registry import register
-from mera.continual.strategies import Continue, StageContext, Strategy
+from mera.continual.strategies import Continue, LLMPolicy, StageContext, Strategy
 from mera.train.lora import lora_parameters
 
 PREFIX = "fisher."  # continue: Fisher of the LoRA parameters
@@ -89,7 +89,7 @@ def _adapter_updates(llm) -> dict[str, torch.Tensor]:
     return out
 
 
-@register("strategy", "ewc", EWCParams, llm="continued", whole_delta=True)
+@register("strategy", "ewc", EWCParams, llm=LLMPolicy.CONTINUED_ADAPTER, whole_delta=True)
 class EWC(Strategy):
     name = "ewc"
 

@@ -56,7 +56,7 @@ from torch import nn
 
 from mera.config.base import StrictModel
 from mera.config.registry import register
-from mera.continual.strategies import OwnModules, StageContext, Strategy
+from mera.continual.strategies import LLMPolicy, OwnModuleCounts, OwnModules, StageContext, Strategy
 from mera.errors import CheckpointError
 
 PREFIX = "pathweave."
@@ -262,18 +262,14 @@ def _install(llm: nn.Module, names: list[str], rank: int, scaling: float, settin
     return out
 
 
-def _settings(m: PathWeaveLinear) -> dict:
-    return {"in_adapter": m.in_adapter, "in_hidden": m.in_hidden, "top_k": m.top_k, "noise": m.noisy,
-            "noise_epsilon": m.noise_epsilon}
-
-
 def export_state(llm: nn.Module) -> tuple[dict, dict[str, torch.Tensor]]:
     """(layout description for the manifest, tensors for strategy.safetensors)."""
     mods = wrapped_modules(llm)
-    any_mod = next(iter(mods.values()))
-    layout = {"kind": "pathweave", "version": LAYOUT_VERSION, "rank": any_mod.rank, "scaling": any_mod.scaling,
-              **_settings(any_mod), "modalities": list(any_mod.modalities), "num_adapters": any_mod.num_adapters,
-              "inner": sorted(any_mod.inner.keys()), "modules": sorted(mods)}
+    m = next(iter(mods.values()))  # every module has the same settings and paths
+    layout = {"kind": "pathweave", "version": LAYOUT_VERSION, "rank": m.rank, "scaling": m.scaling,
+              "in_adapter": m.in_adapter, "in_hidden": m.in_hidden, "top_k": m.top_k, "noise": m.noisy,
+              "noise_epsilon": m.noise_epsilon, "modalities": list(m.modalities), "num_adapters": m.num_adapters,
+              "inner": sorted(m.inner.keys()), "modules": sorted(mods)}
     tensors = {}
     for name, m in mods.items():
         for pname, p in m.named_parameters():
@@ -327,32 +323,46 @@ class PathWeaveParams(StrictModel):
         return self
 
 
-@register("strategy", "pathweave", PathWeaveParams, llm="own", whole_delta=True)
+@register("strategy", "pathweave", PathWeaveParams, llm=LLMPolicy.OWN_MODULES)
 class PathWeave(Strategy):
     """PathWeave at stage t+1: adapter t for the new modality and its path (in-adapters into
     every old, frozen adapter, and its own gate); trained in step B instead of a LoRA."""
 
     name = "pathweave"
     reads_old_modalities = False  # a stage trains on the new modality only; old paths stay frozen
+    install = staticmethod(install_from_state)  # rebuilds a saved stage's modules (mera.continual.stages)
+    export_refusal = "its LLM holds extra modules (PathWeave's adapters) that cannot be folded into a plain HF model"
+
+    def plan_counts(self, shapes, stage: int) -> OwnModuleCounts:
+        """Adapter ``stage - 1`` and its path train; the rest of the modules is frozen (built on the meta device)."""
+        t, p, trainable, frozen = stage - 1, self.params, 0, 0
+        for (i, o), count in shapes.adapted_shapes.items():
+            with torch.device("meta"):
+                m = PathWeaveLinear(nn.Linear(i, o, bias=False), shapes.lora_rank, 1.0, in_adapter=p.in_adapter,
+                                    in_hidden=p.in_rank, top_k=p.top_k, noise=p.noise)
+                for k in range(t + 1):
+                    m.add_adapter(f"m{k}", init=False)
+            mine = sum(x.numel() for x in m.path_parameters(t))
+            trainable += count * mine
+            frozen += count * (sum(x.numel() for n, x in m.named_parameters() if not n.startswith("base.")) - mine)
+        return OwnModuleCounts("PathWeave", trainable, frozen, stage,
+                               f"PathWeave: adapter {t} and its path train; activations counted as {stage} LoRAs")
 
     def restore(self, ctx: StageContext) -> None:
-        if not ctx.llm_modules:
-            return
-        llm = ctx.model.llm
-        for name, m in wrapped_modules(llm).items():  # the parent's modules: rebuilt whole from the state
-            parent_name, _, attr = name.rpartition(".")
-            setattr(llm.get_submodule(parent_name) if parent_name else llm, attr, m.base)
-        install_from_state(llm, ctx.llm_modules, ctx.tensors, route=ctx.model.batch_modalities)
+        if ctx.llm_modules:
+            llm = ctx.model.llm
+            for name, m in wrapped_modules(llm).items():  # the parent's modules: rebuilt whole from the state
+                parent_name, _, attr = name.rpartition(".")
+                setattr(llm.get_submodule(parent_name) if parent_name else llm, attr, m.base)
+            install_from_state(llm, ctx.llm_modules, ctx.tensors, route=ctx.model.batch_modalities)
 
     def adapter(self, ctx: StageContext) -> OwnModules:
-        llm = ctx.model.llm
-        route = ctx.model.batch_modalities
+        llm, route = ctx.model.llm, ctx.model.batch_modalities
         mods = wrapped_modules(llm)
         if not mods:  # the previous stage is the expert: its adapter becomes adapter 0
             prev = ctx.history.last_trained()
             if prev is None or prev[0].kind != "lora":
-                raise CheckpointError(f"{ctx.history.folder}: PathWeave needs the expert's LoRA adapter; "
-                                      "none in the chain")
+                raise CheckpointError(f"{ctx.history.folder}: PathWeave needs the expert's LoRA adapter; none in the chain")
             delta, coef = prev
             delta.fold(llm, -coef)  # take the expert's delta out of the weights ...
             ctx.folds.append((delta, -coef))  # ... and record it, so the checkpoint chain stays exact
@@ -385,5 +395,5 @@ class PathWeave(Strategy):
 
     def after_instruct(self, ctx: StageContext) -> None:
         layout, tensors = export_state(ctx.model.llm)
-        ctx.llm_modules = layout
+        ctx.llm_modules = {**layout, "kind": self.name}  # the registered name: the loader's key to install()
         ctx.tensors.update(tensors)
