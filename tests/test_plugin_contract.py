@@ -375,3 +375,18 @@ def test_a_frozen_llm_strategy_trains_no_llm_parameter_and_leaves_nothing_to_mer
     result = _train_step(assets, ctx, [quiet])
     assert not result.own and result.trained is not None and attached == [llm]
     assert [g["params"] for g in trained[-1][1]] == [conn, [lora]]
+
+
+@pytest.mark.parametrize("kind", ["encoder", "judge"])
+def test_a_broken_entry_point_is_not_an_unknown_encoder_or_judge(fresh_registry, monkeypatch, kind):
+    """The encoder and judge lookups reword only an unknown name; a plug-in package that fails to
+    load names itself there too."""
+    from mera.eval.judges import _entry
+    from mera.model.encoders.base import _entry as encoder_entry
+
+    _fresh_load(monkeypatch)
+    _entry_points(monkeypatch, ("broken_one", "mera_no_such_plugin_module"))
+    with pytest.raises(ConfigError) as e:
+        encoder_entry("toy_image") if kind == "encoder" else _entry("exact_match")
+    text = str(e.value)
+    assert "'broken_one'" in text and "No module named 'mera_no_such_plugin_module'" in text and "unknown" not in text

@@ -15,7 +15,7 @@ from typing import Callable, Protocol, Sequence, runtime_checkable
 
 from pydantic import BaseModel
 
-from mera.config.registry import lookup, names, register
+from mera.config.registry import UnknownPlugin, lookup, names, register
 from mera.errors import ConfigError, DataError
 
 
@@ -101,7 +101,7 @@ def register_judge(name: str, factory: Callable[..., Judge], params: type[BaseMo
 def _entry(name: str):
     try:
         return lookup("judge", name)
-    except ConfigError:
+    except UnknownPlugin:  # a plug-in that fails to load says so itself
         raise ConfigError(f"unknown judge {name!r}; known judges: {', '.join(names('judge'))}") from None
 
 

@@ -48,11 +48,11 @@ def _entry(family: str):
     """The registry entry of ``family``; ConfigError naming the known families otherwise."""
     import difflib
 
-    from mera.config.registry import lookup, names
+    from mera.config.registry import UnknownPlugin, lookup, names
 
     try:
         return lookup("encoder", family)
-    except ConfigError:
+    except UnknownPlugin:  # a plug-in that fails to load says so itself
         known = names("encoder")
         close = difflib.get_close_matches(str(family), known, n=1)
         hint = f"did you mean {close[0]!r}? " if close else ""
