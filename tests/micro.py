@@ -26,6 +26,30 @@ def build_micro_assets(root: Path) -> Path:
     return root
 
 
+
+def build_tiny_assets(root: Path) -> Path:
+    """A tiny Llama (2 training steps), the toy tokenizer, random toy image / point encoders and a
+    small toy world on disk (8 training and 4 test samples per set): the bad-input and full-disk
+    tests, which need files of every kind and no meaningful scores."""
+    import torch
+
+    from mera.data.toy_world import ToyWorldConfig, text_instructions, vocabulary, write_world
+    from mera.model.encoders.toy import build_toy_encoder, save_toy_encoder
+    from mera.zoo.lm import LMConfig, pretrain_lm
+    from mera.zoo.tokenizer import build_tokenizer
+
+    tok = build_tokenizer(vocabulary(), root / "tokenizer")
+    pretrain_lm(tok, text_instructions(50, seed=0), root / "llm",
+                LMConfig(hidden_size=32, num_layers=1, num_heads=2, steps=2, batch_size=8, warmup_steps=1,
+                         n_eval=4, eval_batch_size=4), progress=False)
+    for m in ("image", "point"):
+        torch.manual_seed(1)
+        save_toy_encoder(build_toy_encoder(m), root / m)
+    write_world(root / "world", ToyWorldConfig(n_train_caption=8, n_train_qa=8, n_test_caption=4, n_test_qa=4,
+                                               n_points=64, image_size=16, video_frames=2, audio_seconds=0.5,
+                                               audio_rate=4000))
+    return root
+
 METHODS = [{"name": "Fine-Tuning", "strategies": ["finetune"]},
            {"name": "MERA (10%)", "strategies": ["merge", "realign"], "replay_ratio": 0.1},
            {"name": "Replay (10%)", "strategies": ["replay"], "replay_ratio": 0.1},

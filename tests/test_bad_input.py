@@ -109,25 +109,10 @@ def home(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def assets(home, tmp_path_factory):
-    """A tiny Llama (2 training steps), the toy tokenizer, random toy image / point encoders and a
-    small toy world on disk (8 training and 4 test samples per set)."""
-    from mera.data.toy_world import ToyWorldConfig, text_instructions, vocabulary, write_world
-    from mera.model.encoders.toy import build_toy_encoder, save_toy_encoder
-    from mera.zoo.lm import LMConfig, pretrain_lm
-    from mera.zoo.tokenizer import build_tokenizer
+    """The tiny assets of tests/micro.py (a 2-step Llama, random toy encoders, a small toy world)."""
+    from micro import build_tiny_assets
 
-    root = tmp_path_factory.mktemp("assets")
-    tok = build_tokenizer(vocabulary(), root / "tokenizer")
-    pretrain_lm(tok, text_instructions(50, seed=0), root / "llm",
-                LMConfig(hidden_size=32, num_layers=1, num_heads=2, steps=2, batch_size=8, warmup_steps=1,
-                         n_eval=4, eval_batch_size=4), progress=False)
-    for m in ("image", "point"):
-        torch.manual_seed(1)
-        save_toy_encoder(build_toy_encoder(m), root / m)
-    write_world(root / "world", ToyWorldConfig(n_train_caption=8, n_train_qa=8, n_test_caption=4, n_test_qa=4,
-                                               n_points=64, image_size=16, video_frames=2, audio_seconds=0.5,
-                                               audio_rate=4000))
-    return root
+    return build_tiny_assets(tmp_path_factory.mktemp("assets"))
 
 
 def base_config(assets: Path, world: Path | None = None) -> dict:

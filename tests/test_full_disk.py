@@ -161,22 +161,9 @@ def test_a_full_disk_while_writing_a_report(tmp_path):
 def tiny(tmp_path_factory):
     """A tiny Llama (2 training steps), the toy tokenizer, random toy encoders and a small toy world:
     (assets folder, MERA_HOME)."""
-    from mera.data.toy_world import ToyWorldConfig, text_instructions, vocabulary, write_world
-    from mera.model.encoders.toy import build_toy_encoder, save_toy_encoder
-    from mera.zoo.lm import LMConfig, pretrain_lm
-    from mera.zoo.tokenizer import build_tokenizer
+    from micro import build_tiny_assets
 
-    root = tmp_path_factory.mktemp("tiny")
-    tok = build_tokenizer(vocabulary(), root / "tokenizer")
-    pretrain_lm(tok, text_instructions(50, seed=0), root / "llm",
-                LMConfig(hidden_size=32, num_layers=1, num_heads=2, steps=2, batch_size=8, warmup_steps=1,
-                         n_eval=4, eval_batch_size=4), progress=False)
-    for m in ("image", "point"):
-        torch.manual_seed(1)
-        save_toy_encoder(build_toy_encoder(m), root / m)
-    write_world(root / "world", ToyWorldConfig(n_train_caption=8, n_train_qa=8, n_test_caption=4, n_test_qa=4,
-                                               n_points=64, image_size=16, video_frames=2, audio_seconds=0.5,
-                                               audio_rate=4000))
+    root = build_tiny_assets(tmp_path_factory.mktemp("tiny"))
     judge = root / "judge-llm"  # the tiny Llama and its tokenizer in one folder: a local LLM judge
     shutil.copytree(root / "llm", judge)
     shutil.copytree(root / "tokenizer", judge, dirs_exist_ok=True)
