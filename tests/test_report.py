@@ -49,7 +49,8 @@ def test_json_for_paper_fixture(capsys):
     assert report_command([str(FIXTURE)], as_json=True) == 0
     out = capsys.readouterr().out
     obj = json.loads(out)  # the whole stdout is exactly one JSON object
-    assert set(obj) == {"summary", "last_stage_bw"}
+    # the summary of the first release, then the reviewer's statistics (tests/test_report_stats.py)
+    assert list(obj) == ["summary", "last_stage_bw", "bootstrap", "primary", "cl_metrics", "claims"]
     methods = [e["method"] for e in obj["summary"]]
     assert methods == ["Fine-Tuning", "Replay (1%)", "Replay (10%)", "EWC", "PathWeave", "MERA (1%)", "MERA (10%)"]
     expected = PAPER_TABLE2
@@ -70,6 +71,14 @@ def test_json_for_paper_fixture(capsys):
         assert e["fw_rg"][3] == pytest.approx(e["rg"]["point"][3])
         assert obj["last_stage_bw"][e["method"]] == pytest.approx(e["bw_rg"][3])
     assert obj["last_stage_bw"]["MERA (10%)"] == pytest.approx(102.17, abs=0.005)
+    # the CL metrics of the paper's own scores: MERA (10%) keeps the most (Last) and forgets the least
+    cl = obj["cl_metrics"]["methods"]
+    assert max(cl, key=lambda m: cl[m]["last"]) == "MERA (10%)" and min(cl, key=lambda m: cl[m]["forgetting"]) == "MERA (10%)"
+    for m, e in cl.items():  # Last = ((m-1) BW_m + FW_m) / m with m = 4 stages
+        s = next(x for x in obj["summary"] if x["method"] == m)
+        assert e["last"] == pytest.approx((3 * s["bw_rg"][3] + s["fw_rg"][3]) / 4)
+    # no per-item scores for the paper's table: no bootstrap, and the primary family is named but not tested
+    assert "missing" in obj["bootstrap"] and len(obj["primary"]["family"]) == 5 and not obj["primary"]["dropped"]
 
 
 # ----------------------------------------------------------------------------- markdown

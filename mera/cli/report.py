@@ -1,11 +1,14 @@
-"""``mera report SCORES...``: tables and figures from one or more scores.csv files."""
+"""``mera report SCORES... [ITEMS...]``: tables and figures from one or more scores.csv files (and, for
+the bootstrap intervals, their per-item scores: items.csv, given or found next to the scores.csv)."""
 
 from __future__ import annotations
 
 
 def add_parser(subparsers):
     rep = subparsers.add_parser("report", help="tables and figures from one or more scores.csv files")
-    rep.add_argument("scores", nargs="+", help="scores files (columns method,order,stage,modality,dataset,task,score)")
+    rep.add_argument("scores", nargs="+", help="scores files (columns method,order,stage,modality,dataset,task,score), "
+                     "and optionally their per-item scores (items.csv, told apart by its header; by default the "
+                     "items.csv next to a single scores file)")
     rep.add_argument("--out", help="folder for report.md, report.html, metrics.json and figures/")
     rep.add_argument("--json", action="store_true", help="print one JSON object instead of Markdown")
     rep.add_argument("--config-dir", help="the folder that relative data paths of the run's config are relative to "
@@ -37,7 +40,8 @@ def gallery_for(scores: list[str], config_dir: str | None = None):
 
 
 def run(args) -> int:
-    from mera.eval.report import report_command
+    from mera.eval.report import report_command, split_inputs
 
+    scores, _ = split_inputs(args.scores)
     return report_command(args.scores, out=args.out, as_json=args.json, html=True,
-                          gallery=lambda: gallery_for(args.scores, args.config_dir))
+                          gallery=lambda: gallery_for(scores, args.config_dir))

@@ -70,6 +70,26 @@ def write_items(path: str | os.PathLike, items: Iterable[ItemScore]) -> None:
     write_text(path, buf.getvalue())
 
 
+def format_item_rows(rows: Iterable[Mapping]) -> str:
+    """CSV text (the :data:`COLUMNS` header first) of ``rows``, mappings with those keys (a missing one:
+    an empty cell); a float score is written with ``repr`` (every digit kept), anything else as it is.
+    The run directory's own files: a stage folder's ``items.csv`` (no seed; an expert's order and stage
+    empty, as in its scores.csv) and the run's, assembled with the seeds (mera.runner.rundir)."""
+    buf = io.StringIO()
+    w = csv.writer(buf, lineterminator="\n")
+    w.writerow(COLUMNS)
+    for r in rows:
+        w.writerow([repr(float(v)) if k == "score" and isinstance(v, float) else ("" if v is None else v)
+                    for k, v in ((k, r.get(k, "")) for k in COLUMNS)])
+    return buf.getvalue()
+
+
+def read_item_rows(path: str | os.PathLike) -> list[dict]:
+    """The rows of an items file as plain string mappings (no checks: the run directory's own files)."""
+    with open(path, newline="", encoding="utf-8") as f:
+        return list(csv.DictReader(f))
+
+
 def _parse_item(cells: list[str], col: dict[str, int], source: str, line: int) -> ItemScore:
     where = f"{source}, line {line}"
     if len(cells) != len(COLUMNS):

@@ -20,7 +20,7 @@ from tqdm.auto import tqdm
 from mera import dist
 from mera.data.format import Sample
 from mera.data.pipeline import FeatureProvider, ItemDataset
-from mera.eval.cider import cider_d
+from mera.eval.cider import cider_d_scores
 from mera.eval.judges import Judge, judge_qa
 from mera.faults import fault_point
 from mera.model.collate import MultimodalCollator
@@ -60,7 +60,10 @@ def evaluate_modality(model, tokenizer, modality: str, caption_test: list[Sample
                       provider: FeatureProvider, judge: Judge, batch_size: int, max_new_tokens: int,
                       names: tuple[str, str], progress: bool = True) -> tuple[list[dict], dict]:
     """Rows ``{modality, dataset, task, score}`` for the caption set (CIDEr-D x100) and the QA set
-    (accuracy in [0, 1]); plus ``{"predictions": [{id, task, prediction}], "examples": ...}``.
+    (accuracy in [0, 1]); plus ``{"predictions": [{id, task, prediction}], "items": [{modality, dataset,
+    task, item, score}], "examples": ...}``: ``items`` holds every test item's own score (a caption's
+    CIDEr-D x100 against the same corpus IDF, a QA item's judgement, 1 or 0, an unparseable one 0), whose
+    mean over a set is that set's score (mera.eval.bootstrap resamples them).
 
     Every process of a multi-process run must call it (generation is shared out); the metrics
     are computed by the main process and every process returns the same result."""
@@ -78,11 +81,14 @@ def evaluate_modality(model, tokenizer, modality: str, caption_test: list[Sample
 
 def _score(modality: str, caption_test: list[Sample], qa_test: list[Sample], caption_preds: list[str],
            qa_preds: list[str], judge: Judge, names: tuple[str, str]) -> tuple[list[dict], dict]:
-    rows, examples, predictions = [], {}, []
+    rows, examples, predictions, items = [], {}, [], []
     if caption_test:
         preds = caption_preds
-        score = cider_d({s.id: p for s, p in zip(caption_test, preds)}, {s.id: s.references for s in caption_test})
+        score, per_item = cider_d_scores({s.id: p for s, p in zip(caption_test, preds)},
+                                         {s.id: s.references for s in caption_test})
         rows.append({"modality": modality, "dataset": names[0], "task": "caption", "score": round(score, 4)})
+        items += [{"modality": modality, "dataset": names[0], "task": "caption", "item": s.id, "score": per_item[s.id]}
+                  for s in caption_test]
         examples["caption"] = [(s.references[0], p) for s, p in zip(caption_test[:3], preds[:3])]
         predictions += [{"id": s.id, "task": "caption", "prediction": p} for s, p in zip(caption_test, preds)]
     if qa_test:
@@ -95,5 +101,8 @@ def _score(modality: str, caption_test: list[Sample], qa_test: list[Sample], cap
         examples["qa_unparseable"] = judged.num_unparseable
         predictions += [{"id": s.id, "task": "qa", "prediction": p, "judgement": j}
                         for s, p, j in zip(qa_test, preds, judged.scores)]
+        items += [{"modality": modality, "dataset": names[1], "task": "qa", "item": s.id,
+                   "score": 0.0 if j is None else float(j)} for s, j in zip(qa_test, judged.scores)]
     examples["predictions"] = predictions
+    examples["items"] = items
     return rows, examples

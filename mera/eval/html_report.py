@@ -65,6 +65,8 @@ def _markdown_html(text: str) -> str:
     out = out.replace(f" {UP}</td>", f' <span class="up" title="above the previous stage">{UP}</span></td>')
     # the verdicts on the paper's orderings (mera.eval.seeds), coloured
     out = out.replace("<td>holds</td>", '<td class="ok">holds</td>')
+    # and on the paper's claims (mera.eval.claims)
+    out = out.replace("<td>does not hold</td>", '<td class="bad">does not hold</td>')
     return out.replace("<td>reversed</td>", '<td class="bad">reversed</td>')
 
 

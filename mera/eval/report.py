@@ -10,6 +10,12 @@ headline, followed by the paired differences and the verdicts on the paper's ord
 (:mod:`mera.eval.seeds`); the other tables, the per-stage progression and the heatmaps show
 means over the seeds, and the Backward / Forward RG figures a mean +- std band.
 
+Beside them (:mod:`mera.eval.stats`): the declared primary family of comparisons, Holm-corrected, the
+paper's claims as a checklist and the continual-learning metrics (Last, Avg, BWT, Forgetting), and,
+when the scores come with their per-item scores (``items.csv``: a run writes it next to scores.csv),
+paired-bootstrap intervals beside the t-intervals; metrics.json gains ``bootstrap``, ``primary``,
+``cl_metrics`` and ``claims`` and keeps every other key and value.
+
 report.html (:mod:`mera.eval.html_report`) holds all of it in one self-contained page, with the
 training loss and a gallery of predictions when the scores come from a run directory.
 """
@@ -37,6 +43,7 @@ from mera.eval.metrics import (
     summary_object,
 )
 from mera.eval.names import ablation_rows, realign_pairs
+from mera.eval.stats import NO_ITEMS, ReportSettings, ReportStats, items_for, report_stats
 from mera.faults import fault_point
 from mera.io import atomic_path, write_json, write_text, writing
 
@@ -202,20 +209,118 @@ def _latency_note(entries: list[dict]) -> str:
     return note
 
 
+# ----------------------------------------------------------------------------- reviewer's statistics
+
+
+def _pct(level: float) -> str:
+    return f"{100 * level:g}%"
+
+
+def _p(p: float | None) -> str:
+    return DASH if p is None or math.isnan(p) else f"{p:.4f}"
+
+
+def _boot_cell(stats: ReportStats, method: str) -> str:
+    """The main table's bootstrap column: the interval of the method's headline."""
+    e = stats.headline(method)
+    return f" {DASH if e is None else _ci(e.low, e.high)} |"
+
+
+def _boot_note(stats: ReportStats, level: float) -> str:
+    s = stats.settings
+    return (f" Bootstrap {_pct(level)} CI: the percentile interval of the headline over B = {s.bootstrap_samples} "
+            f"paired bootstrap replicates (seed {s.bootstrap_seed}): the seeds, then each seed's test items, drawn with "
+            "replacement, the same items for every method (docs/metrics.md).")
+
+
+def _boot_pair_cells(stats: ReportStats, a: str, b: str, statistic: str, order: str | None) -> str:
+    d = stats.difference(a, b, statistic, order)
+    if d is None:
+        return f" {DASH} | {DASH} | {DASH} |"
+    e = d.estimate
+    return f" {_ci(e.low, e.high, signed=True)} | {_p(e.p)} | {d.label.kind if d.label else DASH} |"
+
+
+def _stat_words(statistic: str, order: str | None) -> str:
+    name = "last-stage BW" if statistic == "last_stage_bw" else "mean BW"
+    return f"{name}, " + ("mean over orders" if order is None else _cell(order))
+
+
+def _stats_sections(stats: ReportStats, level: float = 0.95) -> list[str]:
+    """The primary family (Holm-corrected), the claims checklist and the CL-metrics table."""
+    pct, s = _pct(level), stats.settings
+    lines = ["## Primary comparisons (Holm-corrected)", ""]
+    if not stats.available:
+        lines += [stats.missing[0].upper() + stats.missing[1:] + ".", ""]
+    elif not stats.family:
+        lines += ["The declared primary family has no comparison this run can make.", ""]
+    else:
+        lines += [f"| comparison (A − B) | statistic | difference | bootstrap {pct} CI | p | Holm p | verdict |",
+                  "|---|---|---|---|---|---|---|"]
+        for d in stats.primary_results():
+            e = d.estimate
+            lines.append(f"| {_cell(d.a)} − {_cell(d.b)} | {_stat_words(d.statistic, d.order)} | {_signed(e.point)} | "
+                         f"{_ci(e.low, e.high, signed=True)} | {_p(e.p)} | {_p(d.label.p_adjusted)} | {d.verdict} |")
+        lines += ["", f"The primary family: {stats.declared_in}. Difference: A's value minus B's, in points of relative "
+                  f"gain; its {pct} paired-bootstrap percentile interval and two-sided p-value (B = {s.bootstrap_samples}, "
+                  f"seed {s.bootstrap_seed}); Holm p: Holm's step-down adjustment over the {len(stats.family)} comparisons "
+                  f"of the family. holds: Holm p {chr(0x2264)} {s.alpha:g} with A above B; reversed: with B above A; "
+                  "inconclusive: otherwise. Every other comparison of this report and of metrics.json is exploratory "
+                  "(its raw p, no correction).", ""]
+    if stats.dropped:
+        lines += ["Declared but left out: " + "; ".join(f"{_cell(x['a'])} − {_cell(x['b'])} ({x['reason']})"
+                                                       for x in stats.dropped) + ".", ""]
+    lines += ["## The paper's claims on this run", "", "| claim | verdict | numbers |", "|---|---|---|"]
+    for c in stats.claims:
+        if c.numbers:
+            nums = "; ".join(f"{_cell(n.what)}: "
+                             + (f"{_signed(n.estimate.point)} {_ci(n.estimate.low, n.estimate.high, signed=True)}"
+                                if n.kind == "difference" else f"{_fmt(n.estimate.point)} {_ci(n.estimate.low, n.estimate.high)}")
+                             for n in c.numbers)
+        else:
+            nums = _cell(c.reason if stats.available else "needs per-item scores (items.csv): see above")
+        lines.append(f"| {_cell(c.text)} | {c.verdict} | {nums} |")
+    margin = next((c.extra["margin"] for c in stats.claims if "margin" in c.extra), s.plasticity_margin)
+    lines += ["", f"Each claim is judged on {pct} paired-bootstrap intervals (point [low, high], in points of "
+              "relative gain): holds: every interval on the claimed side (a difference above 0; plasticity: each "
+              f"difference of mean forward RG inside {PM}{margin:g} points; forward transfer: some stage 2 or 3 forward "
+              "RG above 100); does not hold: an interval wholly on the other side; inconclusive: neither; not testable "
+              "in this run: the reason. MERA is MERA (10%), or else the run's best MERA method. The rules: "
+              "docs/metrics.md.", ""]
+    cl = stats.cl["methods"]
+    lines += ["## Continual-learning metrics", "", "| method | Last | Avg | BWT | Forgetting |", "|---|---|---|---|---|"]
+    for m, e in cl.items():
+        lines.append(f"| {_cell(m)} | " + " | ".join(_fmt(e[f]) for f in ("last", "avg", "bwt", "forgetting")) + " |")
+    several = any(len(e["seeds"]) > 1 for e in cl.values())
+    lines += ["", "From the accuracy matrix A (A[i][j]: the relative gain of modality j after stage i, in percent of "
+              "its expert): Last, the mean of the last row; Avg, the mean over the stages of each row's mean (average "
+              "incremental accuracy); BWT, the mean over the old modalities of A[m][j] − A[j][j]; Forgetting, the mean "
+              "of each old modality's largest drop from an earlier value. Each number is the mean over the orders"
+              + (" of each seed, then over the seeds" if several else "") + f"; {DASH}: undefined (one stage). "
+              "Formulas and sources: docs/metrics.md.", ""]
+    return lines
+
+
 def render_markdown(runs: Sequence[RunMetrics], sources: Sequence[str] = (), efficiency: dict | None = None,
-                    level: float = 0.95) -> str:
+                    level: float = 0.95, stats: ReportStats | None = None) -> str:
     """The Markdown report: a Table-2-style summary; the ablation, realign and efficiency tables
     when the run has them; then each run's per-stage progression.
 
     With two seeds or more: :func:`_render_seeds` (mean +- std over the seeds, ``level``
-    t-intervals, paired differences and the paper's orderings)."""
+    t-intervals, paired differences and the paper's orderings).
+
+    ``stats`` (:func:`mera.eval.stats.report_stats`): after the main table, the primary family, the
+    claims and the CL metrics (:func:`_stats_sections`), and the bootstrap interval of the headline in
+    the main table (a column of its own, when there are per-item scores); None: the report without them."""
     if len(seeds_of(runs)) > 1:
-        return _render_seeds(runs, sources, efficiency, level)
+        return _render_seeds(runs, sources, efficiency, level, stats)
     methods, orders = methods_and_orders(runs)
     headline = summary_object(runs)["last_stage_bw"]
+    boot = stats is not None and stats.available
     lines = _title(sources) + [
-        "| method | " + " | ".join(_cell(o) for o in orders) + " | last-stage BW (avg over orders) |",
-        "|---" * (len(orders) + 2) + "|",
+        "| method | " + " | ".join(_cell(o) for o in orders) + " | last-stage BW (avg over orders) |"
+        + (f" bootstrap {_pct(level)} CI |" if boot else ""),
+        "|---" * (len(orders) + 2 + boot) + "|",
     ]
     by_key = {(r.method, r.order): r for r in runs}
     for m in methods:
@@ -227,13 +332,15 @@ def render_markdown(runs: Sequence[RunMetrics], sources: Sequence[str] = (), eff
             else:
                 std = "n/a" if math.isnan(r.bw_std) else f"{r.bw_std:.2f}"
                 cells.append(f"{r.bw_mean:.2f} {PM} {std}")
-        lines.append(f"| {_cell(m)} | " + " | ".join(cells) + f" | {headline[m]:.2f} |")
+        lines.append(f"| {_cell(m)} | " + " | ".join(cells) + f" | {headline[m]:.2f} |" + (_boot_cell(stats, m) if boot else ""))
     lines += [
         "",
         f"Each order's cell is the mean {PM} sample standard deviation (n-1) of the Backward "
         "Relative Gain over all stages, stage 1 (100% by definition) included. "
-        "Last-stage BW: the last stage's Backward RG, averaged over the orders present.",
+        "Last-stage BW: the last stage's Backward RG, averaged over the orders present."
+        + (_boot_note(stats, level) if boot else ""),
         "",
+        *(_stats_sections(stats, level) if stats is not None else []),
         *_extra_tables(runs, efficiency),
         *_progression(runs),
     ]
@@ -314,7 +421,8 @@ def _seed_list(seeds: Sequence) -> str:
     return ", ".join("none" if s is None else str(s) for s in seeds)
 
 
-def _render_seeds(runs: Sequence[RunMetrics], sources: Sequence[str], efficiency: dict | None, level: float) -> str:
+def _render_seeds(runs: Sequence[RunMetrics], sources: Sequence[str], efficiency: dict | None, level: float,
+                  stats: ReportStats | None = None) -> str:
     """The report of a table with two seeds or more (see :func:`render_markdown`)."""
     from mera.eval.seeds import mean_runs, paired_differences, summarize_seeds
 
@@ -322,38 +430,48 @@ def _render_seeds(runs: Sequence[RunMetrics], sources: Sequence[str], efficiency
     seeds = seeds_of(runs)
     pct = f"{100 * level:g}%"
     summaries = summarize_seeds(runs, level)
+    boot = stats is not None and stats.available
     lines = _title(sources) + [
-        "| method | seeds | " + " | ".join(_cell(o) for o in orders) + f" | last-stage BW (avg over orders) | {pct} CI |",
-        "|---" * (len(orders) + 4) + "|",
+        "| method | seeds | " + " | ".join(_cell(o) for o in orders) + f" | last-stage BW (avg over orders) | {pct} CI |"
+        + (f" bootstrap {pct} CI |" if boot else ""),
+        "|---" * (len(orders) + 4 + boot) + "|",
     ]
     for m in methods:
         ms = summaries[m]
         cells = [DASH if o not in ms.orders else _pm(ms.orders[o].bw_mean.mean, ms.orders[o].bw_mean.std) for o in orders]
         h = ms.last_stage_bw
-        lines.append(f"| {_cell(m)} | {len(ms.seeds)} | " + " | ".join(cells) + f" | {_pm(h.mean, h.std)} | {_ci(h.lo, h.hi)} |")
+        lines.append(f"| {_cell(m)} | {len(ms.seeds)} | " + " | ".join(cells) + f" | {_pm(h.mean, h.std)} | {_ci(h.lo, h.hi)} |"
+                     + (_boot_cell(stats, m) if boot else ""))
     lines += [
         "",
         f"{len(seeds)} seeds ({_seed_list(seeds)}); the seeds column counts those each method ran. Every number is "
         f"computed per seed, then given as mean {PM} sample standard deviation (n-1) over the n seeds. Each order's "
         "cell: the mean Backward Relative Gain over all stages, stage 1 (100% by definition) included. Last-stage BW: "
         f"the last stage's Backward RG, averaged over the orders present. {pct} CI: mean {PM} "
-        f"t_{{{(1 + level) / 2:g}, n-1}} {chr(0xB7)} std / {chr(0x221A)}n, Student's t-distribution over the seeds.",
+        f"t_{{{(1 + level) / 2:g}, n-1}} {chr(0xB7)} std / {chr(0x221A)}n, Student's t-distribution over the seeds."
+        + (_boot_note(stats, level) if boot else ""),
         "",
+        *(_stats_sections(stats, level) if stats is not None else []),
     ]
     paired = paired_differences(runs, level)
     lines += ["## Paired differences", ""]
     if paired:
-        lines += ["| pair (A − B) | statistic | n | mean difference | " + pct + " CI | verdict |",
-                  "|---|---|---|---|---|---|"]
+        lines += ["| pair (A − B) | statistic | n | mean difference | " + pct + " CI | verdict |"
+                  + (f" bootstrap {pct} CI | bootstrap p | family |" if boot else ""),
+                  "|---|---|---|---|---|---|" + ("---|---|---|" if boot else "")]
         for p in paired:
             stat = "last-stage BW" if p.statistic == "last_stage_bw" else f"mean BW, {_cell(p.order)}"
             iv = p.interval
             lines.append(f"| {_cell(p.a)} − {_cell(p.b)} | {stat} | {p.n} | {_signed(iv.mean)} | "
-                         f"{_ci(iv.lo, iv.hi, signed=True)} | {p.verdict} |")
+                         f"{_ci(iv.lo, iv.hi, signed=True)} | {p.verdict} |"
+                         + (_boot_pair_cells(stats, p.a, p.b, p.statistic, p.order) if boot else ""))
         lines += ["", "Per seed, A's value minus B's, on the seeds both methods ran (n), in points of relative gain; "
                   f"then the mean and the {pct} t-interval of those differences (a paired interval). "
                   f"holds: the CI is above 0 (A is better with {pct} confidence); reversed: it is below 0; "
-                  "inconclusive: it contains 0; one seed: n < 2, no interval.", ""]
+                  "inconclusive: it contains 0; one seed: n < 2, no interval."
+                  + (f" Bootstrap {pct} CI and p: the same difference, resampled over the seeds and the test items "
+                     "(two-sided p); family: primary (in the declared family, Holm-corrected above) or exploratory "
+                     "(no correction)." if boot else ""), ""]
     else:
         lines += ["None of the pairs the paper compares is present in this table.", ""]
     lines += ["## The paper's orderings on this run", ""]
@@ -505,14 +623,82 @@ def _load(rows_or_paths) -> tuple[list[ScoreRow], list[str]]:
     return read_scores(paths), paths
 
 
-def _build(rows_or_paths, efficiency: dict | None = None) -> tuple[dict, str, list[RunMetrics], list[str]]:
+def _build(rows_or_paths, efficiency: dict | None = None, items=None, settings: ReportSettings | None = None
+           ) -> tuple[dict, str, list[RunMetrics], list[str]]:
     rows, sources = _load(rows_or_paths)
     runs = run_metrics(rows)
     if not runs:
         raise DataError(f"{', '.join(sources) or 'scores'}: no method rows (only experts or empty); nothing to report")
     if efficiency is None and len(sources) == 1:
         efficiency = _read_efficiency(Path(sources[0]).parent / "efficiency.json")
-    return summary_object(runs), render_markdown(runs, sources, efficiency), runs, sources
+    if settings is None:
+        settings = _run_settings(sources)
+    found, where, missing = _items(rows, sources, items)
+    try:
+        stats = report_stats(runs, found, settings, missing, where)
+    except DataError as e:  # items that cannot be paired (e.g. other test items than the expert's)
+        if items is not None:
+            raise
+        stats = report_stats(runs, None, settings, f"no per-item scores: {e}", where)
+    metrics = summary_object(runs)
+    metrics.update(stats.as_json())
+    return metrics, render_markdown(runs, sources, efficiency, stats=stats), runs, sources
+
+
+ITEMS_NAME = "items.csv"
+
+
+def _items(rows: Sequence[ScoreRow], sources: Sequence[str], items) -> tuple[list | None, str | None, str | None]:
+    """(the items of ``rows``, where they came from, why there are none). ``items``: ItemScores, or items.csv
+    paths (a malformed or mismatched one is a DataError); None: the items.csv next to the one scores file,
+    when there is one (a malformed, mismatched or incomplete one only leaves the report without a bootstrap,
+    saying why: a run made before per-item scores existed, or resumed across that change)."""
+    from mera.eval.bootstrap import ItemScore, read_items
+
+    if items is not None:
+        if isinstance(items, (str, os.PathLike)):
+            items = [items]
+        items = list(items)
+        if items and all(isinstance(x, ItemScore) for x in items):
+            return items_for(rows, items), sorted({x.source for x in items})[0] if items else None, None
+        paths = [os.fspath(p) for p in items]
+        return items_for(rows, [it for p in paths for it in read_items(p)]), ", ".join(paths), None
+    if len(sources) != 1 or not (path := Path(sources[0]).parent / ITEMS_NAME).is_file():
+        return None, None, NO_ITEMS
+    try:
+        return items_for(rows, read_items(path)), str(path), None
+    except DataError as e:
+        return None, str(path), f"no per-item scores: {e}"
+
+
+def _run_settings(sources: Sequence[str]) -> ReportSettings:
+    """The ``report`` section of the run's config.yaml when the one scores file is a run directory's
+    (a ConfigError names the file and the key); else the defaults."""
+    from mera.config.loading import read_yaml, validate
+
+    if len(sources) != 1 or not (cfg := Path(sources[0]).parent / "config.yaml").is_file():
+        return ReportSettings()
+    data = read_yaml(cfg)
+    section = (data.get("report") if isinstance(data, dict) else None) or {}
+    return validate(section, ReportSettings, f"{cfg}: report")
+
+
+def split_inputs(paths: Sequence[str]) -> tuple[list[str], list[str]]:
+    """``mera report``'s files as (scores files, items files): a file whose header is items.csv's
+    columns is an items file; any other (a missing or unreadable one too) is a scores file, read and
+    checked as one."""
+    from mera.eval.bootstrap import COLUMNS
+
+    scores, items = [], []
+    for p in paths:
+        try:
+            with open(p, encoding="utf-8-sig", newline="") as f:
+                head = f.readline()
+        except (OSError, UnicodeDecodeError):
+            head = ""
+        is_items = sorted(h.strip() for h in head.strip().split(",")) == sorted(COLUMNS)
+        (items if is_items else scores).append(os.fspath(p))
+    return scores, items
 
 
 def _read_efficiency(path: Path) -> dict | None:
@@ -558,16 +744,20 @@ def _page(markdown: str, runs: Sequence[RunMetrics], figures: dict[str, bytes], 
     return render_html(markdown, runs, figures, sources, gallery, per_seed)
 
 
-def write_report(rows_or_paths, out_dir: str | os.PathLike, efficiency: dict | None = None, gallery=None) -> dict:
+def write_report(rows_or_paths, out_dir: str | os.PathLike, efficiency: dict | None = None, gallery=None,
+                 items=None, settings: ReportSettings | None = None) -> dict:
     """Write ``report.md``, ``report.html``, ``metrics.json`` and ``figures/*.png`` under ``out_dir``
     (atomically, after everything is computed) and return the metrics object (the content of
     metrics.json).
 
     ``rows_or_paths``: a list of :class:`ScoreRow`, or one or several scores CSV paths.
     ``gallery``: the page's :class:`~mera.eval.gallery.Gallery` (collected from the run directory
-    by :mod:`mera.runner.gallery`); None: the page says why it has none.
+    by :mod:`mera.runner.gallery`); None: the page says why it has none. ``items``: the per-item
+    scores (ItemScores or items.csv paths); None: the items.csv next to the one scores file, if any.
+    ``settings``: the bootstrap's and the primary family's; None: the ``report`` section of the run's
+    config.yaml next to the one scores file, else the defaults.
     """
-    metrics, markdown, runs, sources = _build(rows_or_paths, efficiency)
+    metrics, markdown, runs, sources = _build(rows_or_paths, efficiency, items, settings)
     figures = render_figures(runs)
     _write(out_dir, markdown, metrics, figures, _page(markdown, runs, figures, sources, gallery))
     return metrics
@@ -583,13 +773,17 @@ def _emit(text: str, stream) -> None:
 
 
 def report_command(paths: list[str], out: str | None = None, as_json: bool = False, html: bool = False,
-                   gallery=None) -> int:
+                   gallery=None, settings: ReportSettings | None = None) -> int:
     """``mera report``: print the Markdown report (or, with ``as_json``, only the metrics JSON),
     and with ``out`` also write report.md, metrics.json and figures/ there, and with ``html`` (the
     command line's choice) report.html too (``gallery``: its gallery, or a function of no argument
-    giving it, called only then). Returns 0; raises DataError on malformed input (before writing
-    anything)."""
-    metrics, markdown, runs, sources = _build(paths)
+    giving it, called only then). ``paths``: scores files and, optionally, items.csv files (told apart
+    by their header, :func:`split_inputs`); without one, the items.csv next to a single scores file is
+    used when there is one. Returns 0; raises DataError on malformed input (before writing anything)."""
+    scores, items = split_inputs(paths)
+    if not scores:
+        raise DataError(f"{', '.join(items)}: per-item scores without their scores file; give the scores.csv too")
+    metrics, markdown, runs, sources = _build(scores, items=items or None, settings=settings)
     written: list[Path] = []
     if out is not None:
         figures = render_figures(runs)

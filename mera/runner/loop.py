@@ -1,8 +1,9 @@
 """The stage loop: experts, then for every order and method, stage after stage:
 
     train (align, instruct; the method's strategies) -> fold (its merge rule) -> after-stage
-    hooks (realign) -> checkpoint -> evaluate every modality seen so far -> scores.csv and
-    metrics.jsonl (the stage's training curve and scores: mera.runner.telemetry) -> DONE
+    hooks (realign) -> checkpoint -> evaluate every modality seen so far -> scores.csv, items.csv
+    (every test item's score) and metrics.jsonl (the stage's training curve and scores:
+    mera.runner.telemetry) -> DONE
 
 Seeds are derived from (run seed, order, stage, phase), never from the method's name or from
 what ran before: a resumed run trains exactly what an uninterrupted one would, and two methods
@@ -42,6 +43,7 @@ from mera.continual.sharing import StepStore
 from mera.continual.stages import load_stage
 from mera.continual.training import make_context, train_stage, trainer_curve
 from mera.errors import ConfigError, MeraError, WriteError
+from mera.eval.bootstrap import format_item_rows, read_item_rows
 from mera.eval.profile import Cost
 from mera.io import UnitLock, write_text
 from mera.runner import telemetry as tm
@@ -64,6 +66,7 @@ class StageLoop:
         self.events = None  # a worker process's progress events go here (mera.runner.workers)
         self.defer_profile = False  # a worker: the final models are profiled after the pool (workers.py)
         self.assets = None
+        self._items = None  # (stage folder, its per-item scores): written with the stage's scores
         if os.environ.get("ACCELERATE_USE_DEEPSPEED", "").strip().lower() == "true":
             # accelerate's DeepSpeed wrapper needs loaders with a batch size (ours, split across the
             # processes, have a batch sampler), its ZeRO-2 buckets need every process to hold every
@@ -262,6 +265,8 @@ class StageLoop:
                                     info={"kind": "stage", "stage": 1, "modality": m, "same_as": "expert"})
                 dist.barrier()  # written by the main process, loaded by every one
                 rows = self.rd.read_rows(expert / "scores.csv")
+                # the expert's items (none in an expert done before items.csv existed)
+                self._items = (folder, read_item_rows(expert / "items.csv")) if (expert / "items.csv").is_file() else None
                 model = load_stage(self.assets, folder) if not st.is_final else None
             else:
                 ctx = self._context(model, order_name, method.name, i, m, list(st.seen),
@@ -315,6 +320,7 @@ class StageLoop:
         (the stage is complete only now, its metrics recorded with it), then the step checkpoints go."""
         if self.main:
             self.dir.write_rows(folder / "scores.csv", rows)
+            self._write_items(folder, rows)
             evals = tm.eval_lines(sid, rows)
             tm.write_lines(folder / tm.FILE, tm.train_lines(sid, curve) + evals)
             ckpt.mark_done(folder)
@@ -325,13 +331,22 @@ class StageLoop:
                 self.dir.assemble_scores()
         dist.barrier()  # the stage is DONE (and loadable) for every process
 
+    def _write_items(self, folder: Path, rows: list[dict]) -> None:
+        """The stage's ``items.csv`` (mera.eval.bootstrap's columns, as its scores.csv: no seed, an expert's
+        order and stage empty): the items of its evaluation (or of the expert it copies), before DONE."""
+        got, self._items = self._items, None
+        if got is None or got[0] != folder or not rows:
+            return
+        keys = {k: rows[0][k] for k in ("method", "order", "stage")}
+        write_text(folder / "items.csv", format_item_rows({**it, **keys, "seed": ""} for it in got[1]))
+
     def evaluate(self, model, modalities: list[str], folder: Path) -> list[dict]:
         """Evaluate every modality in ``modalities`` on the sets of ``eval.split`` (test, or val: the
         validation sets, whose rows get the dataset name suffixed ``-val`` so that they can never be
         taken for test scores); predictions go to ``folder/predictions.jsonl``."""
         from mera.eval.evaluate import evaluate_modality
 
-        a, rows, preds = self.assets, [], []
+        a, rows, preds, items = self.assets, [], [], []
         split = self.cfg.eval.split
         for k, m in enumerate(modalities, 1):
             self._event("step", phase=f"eval {m}", step=k, total=len(modalities))
@@ -342,12 +357,14 @@ class StageLoop:
                                       names, self.progress)
             rows += r
             preds += [{"modality": m, **p} for p in ex["predictions"]]
+            items += ex.get("items", [])
             shown = ", ".join(f"{x['task']} {x['score']:.3g}" for x in r)
             if ex.get("qa_unparseable"):
                 shown += f" ({ex['qa_unparseable']} QA judgements unparseable, counted as wrong)"
             self.log(f"    eval {m:6s} {shown}   e.g. {ex.get('caption', [('', '')])[0][1]!r}")
         if self.main:
             write_text(folder / "predictions.jsonl", "".join(json.dumps(p) + "\n" for p in preds))
+        self._items = (folder, items)  # written with the scores (_finish_stage)
         return rows
 
     def profile(self, model, modalities: list[str], folder: Path) -> dict:

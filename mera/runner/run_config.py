@@ -13,6 +13,7 @@ from pydantic import Field, field_validator, model_validator
 from mera import MODALITIES
 from mera.config.base import StrictModel
 from mera.continual.methods import MethodConfig
+from mera.eval.stats import ReportSettings
 from mera.model.connectors import ConnectorConfig
 from mera.runner.names import slug
 from mera.train.lora import LoraSettings
@@ -257,6 +258,9 @@ class RunConfig(StrictModel):
     # `mera run --launcher submitit`: where each unit runs as a job, with what resources (docs/launcher.md);
     # None: the defaults (SLURM, 1 GPU per job)
     launcher: LauncherConfig | None = None
+    # the report's statistics: bootstrap replicates and seed, the declared primary family (Holm-corrected),
+    # the plasticity margin of the claims checklist (docs/metrics.md); `mera report` reads it from config.yaml
+    report: ReportSettings = Field(default_factory=ReportSettings)
 
     @field_validator("seeds")
     @classmethod

@@ -7,6 +7,7 @@
     <out>/.shared/<key>/                  training steps shared between methods (mera.continual.sharing)
     <out>/.features/                      the encoders' feature cache
     <out>/scores.csv                      every finished stage's rows, in plan order
+    <out>/items.csv                       every finished stage's per-item scores, in the same order
     <out>/metrics.jsonl                   every finished stage's training curves and scores, in plan
                                           order (each stage folder has its own: mera.runner.telemetry)
     <out>/trackers/                       the event files of train.report_to's local trackers (tensorboard)
@@ -35,6 +36,7 @@ import yaml
 from mera.config import dump_config
 from mera.continual import checkpoint as ckpt
 from mera.errors import ConfigError, MeraError
+from mera.eval.bootstrap import format_item_rows, read_item_rows
 from mera.eval.metrics import format_rows, read_rows
 from mera.io import write_text
 from mera.runner.names import flat_diff, slug
@@ -325,8 +327,10 @@ class RunDir:
 
     def assemble_scores(self) -> Path:
         """Rebuild ``scores.csv`` from the finished stages, in plan order (seed by seed; so resume
-        gives the same file). Every row carries its seed."""
-        rows = []
+        gives the same file). Every row carries its seed. ``items.csv`` (every test item's score,
+        mera.eval.bootstrap) is gathered the same way from the stages that have one (a stage done
+        before per-item scores were recorded has none; a run with none has no items.csv)."""
+        rows, items = [], []
         for rd in self.seed_dirs():
             seed = {"seed": rd.seed}
             for oname, order in self.cfg.orders.items():
@@ -334,11 +338,19 @@ class RunDir:
                     f = rd.expert_dir(m)
                     if ckpt.is_done(f):
                         rows += [{**r, "order": oname, **seed} for r in read_rows(f / "scores.csv")]
+                        if (f / "items.csv").is_file():
+                            items += [{**r, "order": oname, **seed} for r in read_item_rows(f / "items.csv")]
             for st in self.stages(seeds=[rd.seed]):
                 if ckpt.is_done(st.folder):
                     rows += [{**r, **seed} for r in read_rows(st.folder / "scores.csv")]
+                    if (st.folder / "items.csv").is_file():
+                        items += [{**r, **seed} for r in read_item_rows(st.folder / "items.csv")]
         path = self.out / "scores.csv"
         self.write_rows(path, rows)
+        if items:
+            write_text(self.out / "items.csv", format_item_rows(items))
+        else:
+            (self.out / "items.csv").unlink(missing_ok=True)
         return path
 
     def assemble_metrics(self) -> Path:
