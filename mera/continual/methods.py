@@ -129,7 +129,8 @@ def check_combination(method: str, items: list[dict]) -> None:
     """ValueError (one line naming the method, the plug-ins and what to do) unless every plug-in of
     ``items`` can act: one merge rule at most, one strategy at most that declares how step B trains
     the LLM, and no merge rule other than ``finetune`` where there is no adapter delta to merge
-    (an ``OWN_MODULES`` or ``FROZEN`` strategy) or where the delta must be folded whole."""
+    (an ``OWN_MODULES`` or ``FROZEN`` strategy) or where the delta must be folded whole; and unless
+    each strategy's ``check_method`` accepts the method."""
     names = [x["name"] for x in items]
     dup = sorted({n for n in names if names.count(n) > 1})
     if dup:
@@ -143,6 +144,14 @@ def check_combination(method: str, items: list[dict]) -> None:
         policies = {e.name: llm_policy(e) for e in entries if e.kind == "strategy"}
     except ConfigError as e:
         raise ValueError(str(e)) from None
+    for e, item in zip(entries, items):  # a strategy's own refusal of this method (Strategy.check_method)
+        check = getattr(e.obj, "check_method", None) if e.kind == "strategy" and isinstance(e.obj, type) else None
+        if check is not None:
+            try:
+                params = registry.parse_params(e, {k: v for k, v in item.items() if k != "name"}, f"method {method!r}")
+            except ConfigError as err:
+                raise ValueError(str(err)) from None
+            check(method, params)
     deciding = [(n, p) for n, p in policies.items() if p is not None]
     if len(deciding) > 1:
         said = " and ".join(f"{n} (LLMPolicy.{p.name})" for n, p in deciding)

@@ -15,8 +15,8 @@ sentinel runs appear in the batch (sample by sample, left to right).
 Routing by modality. :meth:`MultimodalLM.embed` (so ``forward`` and ``generate_ids`` too, and
 anything that embeds and then calls ``model.llm`` itself) records the batch it embeds in
 ``model.batch_modalities`` (a :class:`BatchModalities`): LLM submodules that choose a path by the
-input's modality (PathWeave's per-modality adapters) read there which modality each sample (each
-row of the batch) is. The record is kept until the next ``embed``, so a gradient-checkpointed layer
+input's modality (PathWeave's per-modality paths, under its original protocol) read there which
+modality each sample (each row of the batch) is. The record is kept until the next ``embed``, so a gradient-checkpointed layer
 recomputed during the backward pass reads the same batch. Recording is one attribute assignment:
 the per-sample list is only worked out (from the sentinels in ``input_ids``) when a submodule asks,
 so a model without such submodules computes nothing more and its numbers are unchanged.

@@ -22,7 +22,8 @@ declares nothing. ``whole_delta=True`` at registration says the strategy's LLM d
 folded whole. The config loader refuses a method whose parts cannot all act
 (mera.continual.methods): two strategies that declare a policy, or a merge rule other than
 ``finetune`` beside an ``OWN_MODULES`` or ``FROZEN`` strategy (no adapter delta to merge) or a
-``whole_delta`` one.
+``whole_delta`` one. A strategy may refuse more per method with the class method
+``check_method(method, params)`` (PathWeave: a protocol that must show in the method's name).
 
 **Own LLM modules.** A strategy that trains its own modules (``OWN_MODULES``) saves their layout
 in ``ctx.llm_modules``, a dict whose ``kind`` is the strategy's registered name, and their weights
@@ -225,6 +226,12 @@ class Strategy:
         """None if a stage whose LLM holds this strategy's modules (``layout``) can be exported as a plain
         model, else why not (mera export prints it): ``export_refusal`` unless a strategy decides per layout."""
         return cls.export_refusal
+
+    @classmethod
+    def check_method(cls, method: str, params) -> None:
+        """Called when a config loads, for each method that lists this strategy (``method``: its name,
+        ``params``: the strategy's validated parameters, or None): raise ValueError, one line naming
+        the method and what to do, to refuse it. By default every method is accepted."""
 
     def plan_counts(self, shapes: "Shapes", stage: int) -> OwnModuleCounts | None:
         """The strategy's own LLM modules when stage ``stage`` (1-based, >= 2) trains them, for

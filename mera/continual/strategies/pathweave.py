@@ -1,47 +1,26 @@
-"""PathWeave (adapter-in-adapter with per-modality gates), as its authors' public code builds it,
-placed inside the LLM as the MERA paper re-implemented it.
+"""PathWeave (adapter-in-adapter with per-modality gates) as its authors' public code builds it, placed inside the LLM as
+the MERA paper re-implemented it. docs/pathweave.md: the method in full (the forms and inits of the in-adapters and
+gates), its two test protocols, and where this knowingly differs from the original (JiazuoYu/PathWeave).
 
-Every linear module of the LLM that the expert's LoRA targets is wrapped by a
-:class:`PathWeaveLinear`. Modality ``m_t`` (the t-th of the order, t = 0, 1, ...) owns adapter t
-and a *path*: the way a sample of that modality goes through the module,
+Every linear module of the LLM that the expert's LoRA targets is wrapped by a :class:`PathWeaveLinear`. Modality
+``m_t`` (t = 0, 1, ... in the order) owns adapter t (``down_t`` / ``up_t``, LoRA-shaped, rank r, scaling s; adapter 0
+is the expert's LoRA) and path t: in-adapters ``F^t_j`` inside the frozen adapters j < t, replacing their bottleneck,
+and a per-token noisy top-k gate ``g^t`` (noise in training mode only):
 
     t = 0:  y = W x + s * up_0(down_0 x)
-    t > 0:  y = W x + sum_{j<=t} g^t_j(x) * s * up_j(h^t_j),
-            h^t_j = F^t_j(down_j x) for j < t,   h^t_t = down_t x
+    t > 0:  y = W x + sum_{j<=t} g^t_j(x) * s * up_j(h^t_j),   h^t_j = F^t_j(down_j x) for j < t,  h^t_t = down_t x
 
-- ``down_j`` / ``up_j``: the low-rank adapter of modality j (train.lora's rank r, scaling
-  s = alpha / r). Adapter 0 is the first modality's expert LoRA (stage 1 of every method is that
-  expert; at stage 2 it is taken back out of the weights and becomes adapter 0, unchanged);
-  a new adapter has LoRA's init (down Kaiming-uniform, up zero).
-- ``F^t_j``: the in-adapter that modality t's path inserts into the frozen adapter j, *between*
-  its down and up projections, replacing the bottleneck (not added to it):
-  ``Linear(r, 2r) -> Linear(2r, r)`` with biases and no activation (``in_adapter="mlp"``; the
-  hidden width is ``in_rank``, 2r when unset), or one ``Linear(r, r)`` (``"linear"``). Weights
-  N(0, 0.02), biases zero, so the old adapter's contribution on the new path starts small.
-  ``F^t_j`` starts as a copy of ``F^{t-1}_j`` when modality t-1's path had one (the original
-  carries its single in-adapter of adapter j from stage to stage), fresh otherwise.
-- ``g^t``: modality t's gate over the t+1 adapters of its path, per token: noisy top-k gating,
-  ``logits = x G_t``, plus ``N(0, 1) * (softplus(x N_t) + eps)`` in training only; ``g`` = softmax
-  of the top-k logits (k = all t+1 by default, the original's setting), zeros elsewhere. ``G_t`` and
-  ``N_t`` start at zero (a uniform mix, noise scale softplus(0) + eps). Evaluation uses the clean
-  logits: deterministic.
+Which path a row takes is the ``protocol`` (:class:`PathWeaveParams`; recorded in the saved layout). ``paper`` (the
+default; the MERA paper's footnote 3: nothing is removed): every row takes the newest path, whatever its modality, a
+row without media and one of a modality whose path does not exist yet (its step A) included; no modality label is
+read, in training, in realign or at test time. ``original`` (the authors' test, the newer modules removed): a row
+takes its own modality's path (``MultimodalLM.batch_modalities``), a row without one the frozen LLM alone; a method
+using it must say so in its name (:meth:`PathWeave.check_method`).
 
-The path is chosen by the sample's modality (``MultimodalLM.batch_modalities``), at training and
-at inference, so one batch may mix modalities (replay, realign) and each row takes its own path.
-A row without media (text-only), or of a modality with no path yet (the new modality during step A
-of its stage, before its adapter exists), goes through the frozen LLM alone: in the original a
-sample without a modality never reaches an adapter (they live in a modality's Q-Former).
-
-At stage t+1 (modality t, t >= 1) exactly these train: adapter t, the in-adapters ``F^t_j``
-(j < t) and modality t's gate (``G_t``, ``N_t``). Every earlier adapter, in-adapter and gate is
-frozen and, being on no path but the earlier modalities' own, an earlier modality's output is
-unchanged by later stages. The LLM's own weights never change after the expert's adapter is
-taken out of them. Nothing is removed at test time: the model keeps every adapter, so its
-inference cost grows with the number of modalities (see the efficiency table of the report).
-
-What the original does (JiazuoYu/PathWeave) and where this knowingly differs (placement in the
-LLM, a per-modality snapshot of the in-adapters, LoRA-form adapters, the in-adapter variants, when
-noise is on, the first modality and step A): docs/pathweave.md.
+At stage t+1 exactly adapter t, the in-adapters ``F^t_j`` and gate t (``G_t``, ``N_t``) train; all else is frozen, the
+LLM's own weights included once the expert's adapter is taken out of them. So under ``original`` an earlier modality's
+output never changes again (no forgetting, by construction); under ``paper`` it does (it takes the new path). Every
+adapter is kept: the inference cost grows with the number of modalities.
 """
 
 from __future__ import annotations
@@ -61,6 +40,7 @@ from mera.errors import CheckpointError
 
 PREFIX = "pathweave."
 LAYOUT_VERSION = 2
+PROTOCOLS = ("paper", "original")
 IN_ADAPTER_INIT_STD = 0.02  # the original's effective init (BERT's initializer_range) of its adapter linears
 
 
@@ -70,18 +50,19 @@ def _linear(i: int, o: int, bias: bool, like: torch.Tensor) -> nn.Linear:
 
 
 class PathWeaveLinear(nn.Module):
-    """A frozen base ``nn.Linear`` plus one adapter and one path (gate, in-adapters) per modality.
-
-    ``route`` (a :class:`mera.model.mllm.BatchModalities`) says which modality each row of the
-    input is; a row takes its modality's path (no adapter for a modality without one, or None).
-    """
+    """A frozen base ``nn.Linear`` plus one adapter and one path (gate, in-adapters) per modality. ``paper``: every row
+    takes the newest path. ``original``: ``route`` (a :class:`mera.model.mllm.BatchModalities`) says each row's
+    modality, whose path it takes (none for a modality without one, or None)."""
 
     def __init__(self, base: nn.Linear, rank: int, scaling: float, *, in_adapter: str = "mlp",
                  in_hidden: int | None = None, top_k: int | None = None, noise: bool = True,
-                 noise_epsilon: float = 1e-2, route=None):
+                 noise_epsilon: float = 1e-2, protocol: str = "paper", route=None):
         super().__init__()
         if in_adapter not in ("mlp", "linear"):
             raise ValueError(f"in_adapter must be 'mlp' or 'linear', got {in_adapter!r}")
+        if protocol not in PROTOCOLS:
+            raise ValueError(f"protocol must be one of {', '.join(PROTOCOLS)}, got {protocol!r}")
+        self.protocol = protocol
         self.base = base
         self.rank, self.scaling = rank, scaling
         self.in_adapter = in_adapter
@@ -101,7 +82,7 @@ class PathWeaveLinear(nn.Module):
         return len(self.down)
 
     def extra_repr(self) -> str:
-        return (f"rank={self.rank}, scaling={self.scaling}, modalities={self.modalities}, "
+        return (f"rank={self.rank}, scaling={self.scaling}, modalities={self.modalities}, protocol={self.protocol}, "
                 f"in_adapter={self.in_adapter}, in_hidden={self.in_hidden}, top_k={self.top_k}, noise={self.noisy}")
 
     # ------------------------------------------------------------------ building
@@ -114,12 +95,9 @@ class PathWeaveLinear(nn.Module):
 
     def add_adapter(self, modality: str, A: torch.Tensor | None = None, B: torch.Tensor | None = None, *,
                     init: bool = True) -> int:
-        """Adapter t and modality t's path (t = the number of adapters so far); returns t.
-
-        ``A`` / ``B``: the adapter's weights (the expert's LoRA), else LoRA's init. For t >= 1 the
-        path's gate (zero) and in-adapters (a copy of modality t-1's in-adapter of the same old
-        adapter, else fresh). ``init=False``: no values at all (they are loaded next).
-        """
+        """Adapter t and modality t's path (t = the number of adapters so far); returns t. ``A`` / ``B``: the
+        adapter's weights (the expert's LoRA), else LoRA's init. For t >= 1 the path's gate (zero) and in-adapters
+        (a copy of modality t-1's in-adapter of the same old adapter, else fresh). ``init=False``: no values."""
         if modality in self.modalities:
             raise ValueError(f"PathWeave: {modality!r} already has a path")
         w = self.base.weight
@@ -234,6 +212,8 @@ class PathWeaveLinear(nn.Module):
         y = self.base(x)
         if not self.modalities:
             return y
+        if self.protocol == "paper":  # one model for every input: the newest path, no label read
+            return y + self.path(self.num_adapters - 1, x)
         for t, idx in self._route_groups(x.shape[0], x.device):
             if idx is None:
                 return y + self.path(t, x)
@@ -268,8 +248,8 @@ def export_state(llm: nn.Module) -> tuple[dict, dict[str, torch.Tensor]]:
     m = next(iter(mods.values()))  # every module has the same settings and paths
     layout = {"kind": "pathweave", "version": LAYOUT_VERSION, "rank": m.rank, "scaling": m.scaling,
               "in_adapter": m.in_adapter, "in_hidden": m.in_hidden, "top_k": m.top_k, "noise": m.noisy,
-              "noise_epsilon": m.noise_epsilon, "modalities": list(m.modalities), "num_adapters": m.num_adapters,
-              "inner": sorted(m.inner.keys()), "modules": sorted(mods)}
+              "noise_epsilon": m.noise_epsilon, "protocol": m.protocol, "modalities": list(m.modalities),
+              "num_adapters": m.num_adapters, "inner": sorted(m.inner.keys()), "modules": sorted(mods)}
     tensors = {}
     for name, m in mods.items():
         for pname, p in m.named_parameters():
@@ -280,12 +260,18 @@ def export_state(llm: nn.Module) -> tuple[dict, dict[str, torch.Tensor]]:
 
 @torch.no_grad()
 def install_from_state(llm: nn.Module, layout: dict, tensors: dict[str, torch.Tensor], route=None) -> None:
-    """Rebuild the PathWeave modules of a saved stage on a (base) LLM and load their weights;
-    ``route``: the model's ``batch_modalities`` (by which each sample's path is chosen)."""
+    """Rebuild the PathWeave modules of a saved stage on a (base) LLM and load their weights, routing
+    by the layout's protocol; ``route``: the model's ``batch_modalities`` (by which the original
+    protocol chooses each sample's path)."""
     if layout.get("version") != LAYOUT_VERSION or "modalities" not in layout:
         raise CheckpointError("the stage's PathWeave modules were saved by an older PathWeave (one shared gate, "
                               "no per-modality paths); train the stage again")
     settings = {k: layout[k] for k in ("in_adapter", "in_hidden", "top_k", "noise", "noise_epsilon")}
+    # no key: a layout saved before the protocol existed, whose stages were trained and evaluated with
+    # each modality through its own path, i.e. under the original protocol; they are rebuilt so
+    settings["protocol"] = layout.get("protocol", "original")
+    if settings["protocol"] not in PROTOCOLS:
+        raise CheckpointError(f"PathWeave layout: unknown protocol {settings['protocol']!r} (known: paper, original)")
     mods = _install(llm, layout["modules"], layout["rank"], layout["scaling"], settings, route)
     for m in mods.values():
         for modality in layout["modalities"]:
@@ -315,6 +301,9 @@ class PathWeaveParams(StrictModel):
                                                       "original's k)")
     noise: bool = Field(True, description="noisy gating in training (the original's); evaluation is deterministic")
     noise_epsilon: float = Field(1e-2, gt=0, description="floor of the gate noise's scale (the original's)")
+    protocol: Literal["paper", "original"] = Field("paper", description=(
+        "'paper' (footnote 3, nothing removed): every input through the newest stage's path, no modality label read; "
+        "'original' (newer modules removed): each input through its own modality's path, in a method named so"))
 
     @model_validator(mode="after")
     def _linear_has_no_width(self):
@@ -332,6 +321,14 @@ class PathWeave(Strategy):
     reads_old_modalities = False  # a stage trains on the new modality only; old paths stay frozen
     install = staticmethod(install_from_state)  # rebuilds a saved stage's modules (mera.continual.stages)
     export_refusal = "its LLM holds extra modules (PathWeave's adapters) that cannot be folded into a plain HF model"
+
+    @classmethod
+    def check_method(cls, method: str, params) -> None:
+        """The original protocol's scores are not PathWeave's as the paper tests it: its method must say so."""
+        if params is not None and params.protocol == "original" and "original protocol" not in method.lower():
+            raise ValueError(f"method {method!r}: pathweave with protocol: original tests each modality through its own "
+                             "stage's path (the newer modules removed), which is not PathWeave as the paper tests it; "
+                             "name the method so that it says so, e.g. \"PathWeave (original protocol)\"")
 
     def plan_counts(self, shapes, stage: int) -> OwnModuleCounts:
         """Adapter ``stage - 1`` and its path train; the rest of the modules is frozen (built on the meta device)."""
@@ -373,7 +370,7 @@ class PathWeave(Strategy):
             rank = next(iter(pairs.values()))["A"].shape[0]
             p = self.params
             settings = {"in_adapter": p.in_adapter, "in_hidden": p.in_rank, "top_k": p.top_k, "noise": p.noise,
-                        "noise_epsilon": p.noise_epsilon}
+                        "noise_epsilon": p.noise_epsilon, "protocol": p.protocol}
             mods = _install(llm, sorted(pairs), rank, scalings.pop() * coef, settings, route)
             for name, m in mods.items():
                 m.add_adapter(ctx.seen[0], pairs[name]["A"], pairs[name]["B"])
@@ -381,6 +378,9 @@ class PathWeave(Strategy):
         if known != list(ctx.seen[:-1]):
             raise CheckpointError(f"PathWeave: the model has paths for {known}, but this stage's earlier "
                                   f"modalities are {list(ctx.seen[:-1])}")
+        if (routed := sorted({m.protocol for m in mods.values()})) != [self.params.protocol]:
+            raise CheckpointError(f"PathWeave: the parent stage's modules route by protocol {', '.join(routed)}, this "
+                                  f"method's is {self.params.protocol}; a chain keeps one protocol")
         for p in llm.parameters():
             p.requires_grad_(False)
         torch.manual_seed(ctx.seed)
