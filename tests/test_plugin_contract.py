@@ -31,7 +31,10 @@ TOY = {"model": {"branches": {"image": {"encoder": {"family": "toy_image"}},
 @pytest.fixture
 def fresh_registry(monkeypatch):
     """The registry as it is, restored after the test (plug-ins registered here do not leak)."""
-    registry.names("strategy"), registry.names("merge")  # the built-ins, loaded before the copy
+    # every kind's built-ins imported and registered before the copy: a module first imported during
+    # the test would register into the copy only, and stay missing from the registry afterwards
+    for kind in registry.KINDS:
+        registry.names(kind)
     monkeypatch.setattr(registry, "_ENTRIES", {k: dict(v) for k, v in registry._ENTRIES.items()})
     monkeypatch.setattr(registry, "_ALIASES", {k: dict(v) for k, v in registry._ALIASES.items()})
     monkeypatch.setattr(registry, "_CHECKS", {k: list(v) for k, v in registry._CHECKS.items()})
