@@ -443,3 +443,14 @@ def test_run_zoo_config_follows_the_world_version():
     z = run_zoo_config({"home": "/x"}, {"version": 2})
     assert z.world.version == 2 and zoo_name(z) == "toy-zoo-v2" and zoo_dir(z) == Path("/x/toy-zoo-v2")
     assert run_zoo_config({"world": {"version": 1}}, {"version": 2}).world.version == 1  # said explicitly
+
+
+def test_calibration_config_is_validation_only_with_the_realign_rule():
+    from mera.config.loading import load_config
+    from mera.runner.run_config import RunConfig
+
+    cfg = load_config(Path(__file__).parents[1] / "configs" / "toy" / "calibration.yaml", [], RunConfig)
+    assert cfg.eval.split == "val" and cfg.run_seeds == [100, 101, 102]
+    assert cfg.data.toy == {"version": 2} and set(cfg.orders) == {"sequential", "reverse"}
+    assert cfg.train.realign.lr_connector == cfg.train.instruct.lr_connector  # the rule, fixed before any run
+    assert [m.name for m in cfg.methods] == ["Fine-Tuning", "MERA (10%)"]
