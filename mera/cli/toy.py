@@ -16,11 +16,11 @@ def add_parser(subparsers):
     s = tsub.add_parser("show", help="print a few samples per modality and save a PNG sheet of them")
     s.add_argument("--out", default="toy_show", help="folder for the PNG sheet (default: toy_show)")
     s.add_argument("--seed", type=int, default=0)
-    s.add_argument("--world-version", type=int, choices=(1, 2), default=1)
+    s.add_argument("--world-version", type=int, choices=(1, 2), default=1, help="the toy world (2: toy-world-2)")
     d = tsub.add_parser("data", help="write the toy data sets (LLaVA-style JSON + media files)")
     d.add_argument("--out", required=True, help="output folder")
     d.add_argument("--seed", type=int, default=0)
-    d.add_argument("--world-version", type=int, choices=(1, 2), default=1)
+    d.add_argument("--world-version", type=int, choices=(1, 2), default=1, help="the toy world (2: toy-world-2)")
     toy.set_defaults(func=run)
     return toy
 
