@@ -365,3 +365,92 @@ def test_write_world_refuses_a_foreign_manifest(tmp_path):
     with pytest.raises(DataError, match=r"manifest\.json: exists but is not a toy world's manifest"):
         tw.write_world(tmp_path, tw.ToyWorldConfig(**SMALL))
     assert (tmp_path / "manifest.json").read_text() == '{"something": "else"}'
+
+
+# ------------------------------------------------------------------------------ toy-world-2
+
+# What toy-world-1 was before the version field existed (git 977391b): the hashes of the default
+# config (the world's, the zoo's, the data folder's name) and one sample, which must not move.
+V1_CONFIG_HASH = "41a005b6d308a38a"
+V1_ZOO_CONFIG_HASH = "c90f47a9cb6edeb269ed9dd19c1ac4747559e7e29f244722b28065547fe8f73d"
+V1_DATA_FOLDER = "4211c1c883f4"
+
+
+def test_v1_is_unchanged_by_the_version_field():
+    from mera.zoo.build import ZooConfig, config_hash, run_zoo_config, zoo_name
+
+    cfg = tw.ToyWorldConfig()
+    assert cfg.version == 1 and tw.ToyWorldConfig(version=1) == cfg
+    assert "version" not in cfg.model_dump() and "version" not in cfg.model_dump_json()
+    assert tw.config_hash(cfg) == V1_CONFIG_HASH
+    assert hashlib.sha256(cfg.model_dump_json().encode()).hexdigest()[:12] == V1_DATA_FOLDER
+    assert config_hash(ZooConfig()) == V1_ZOO_CONFIG_HASH
+    assert config_hash(run_zoo_config(None, {})) == V1_ZOO_CONFIG_HASH and zoo_name(ZooConfig()) == "toy-zoo-v1"
+    s = tw.generate("image", "qa", "val", 3)[2]
+    assert (s.prompt, s.answer) == ("<image>\nis the green square big or small ?", "small")
+    assert hashlib.sha256(s.media.tobytes()).hexdigest()[:16] == "e0dd65a3557e4fa6"
+    c = tw.generate("audio", "caption", "test", 2)[1]
+    assert (c.prompt, c.answer) == ("<audio>\ndescribe the sound .", "a low bell sounds once .")
+    assert tw.vocabulary(2) == tw.vocabulary(1) and len(tw.vocabulary()) == 89
+
+
+def test_v2_sizes_and_determinism(tmp_path):
+    cfg = tw.ToyWorldConfig(version=2)
+    for s in ("test", "val"):
+        assert getattr(cfg, f"n_{s}_caption") >= 300 and getattr(cfg, f"n_{s}_qa") >= 300
+    assert tw.ToyWorldConfig(version=2, n_val_qa=7).n_val_qa == 7  # still a config field
+    assert cfg.model_dump()["version"] == 2 and tw.config_hash(cfg) != V1_CONFIG_HASH
+    small = tw.ToyWorldConfig(version=2, seed=3, **SMALL)
+    a, b = tw.write_world(tmp_path / "a", small), tw.write_world(tmp_path / "b", small)
+    fa, fb = _files(tmp_path / "a"), _files(tmp_path / "b")  # same seed, same bytes (but the folder's name)
+    assert fa.keys() == fb.keys()
+    for k in fa:
+        assert fa[k].replace(str(tmp_path / "a").encode(), b"@") == fb[k].replace(str(tmp_path / "b").encode(), b"@"), k
+    assert json.loads((tmp_path / "a" / "manifest.json").read_text())["world_version"] == "toy-world-2"
+    for m in MODALITIES:
+        one = tw.generate(m, "qa", "val", 20, 3, small)
+        assert [(x.prompt, x.answer) for x in one] == [(x.prompt, x.answer) for x in tw.generate(m, "qa", "val", 20, 3, small)]
+        assert [(x.prompt, x.answer) for x in one] != [(x.prompt, x.answer) for x in tw.generate(m, "qa", "val", 20, 4, small)]
+        # same scenes as toy-world-1 (media and attributes); only the language differs
+        v1 = tw.generate(m, "caption", "val", 5, 3, tw.ToyWorldConfig(seed=3, **SMALL))
+        v2 = tw.generate(m, "caption", "val", 5, 3, small)
+        assert [x.attributes for x in v1] == [x.attributes for x in v2]
+        assert [x.references for x in v1] == [x.references for x in v2]
+        assert {x.prompt for x in v2} == {f"{PLACEHOLDERS[m]}\ndescribe it ."}
+    assert len(a) == len(b) == 4
+
+
+def test_v2_formats_are_shared_and_absent_from_the_text_pretraining():
+    q2 = tw.questions(2)
+    assert q2["image"]["count"] == q2["audio"]["count"] == "how many are there ?"
+    assert q2["video"]["colour"] == q2["point"]["colour"] and q2["video"]["shape"] == q2["point"]["shape"]
+    graded = [q2["image"]["size"], q2["video"]["speed"], q2["audio"]["pitch"], q2["point"]["proportion"]]
+    assert all(q.startswith("how ") and q.endswith(" is it ?") or "how big is the" in q for q in graded)
+    assert len(set(tw.caption_prompts(2).values())) == 4  # the placeholder alone differs
+    assert len({p.split("\n", 1)[1] for p in tw.caption_prompts(2).values()}) == 1
+    prompts = [p for p, _ in tw.text_instructions(2000, seed=0, version=2)]
+    assert tw.text_instructions(300, seed=0, version=2) == tw.text_instructions(300, seed=0)
+    new = {q.split("{")[0] for qs in q2.values() for q in qs.values()} - \
+        {q.split("{")[0] for qs in tw.QUESTIONS.values() for q in qs.values()}
+    assert "how many are there ?" in new and "describe it ." not in " ".join(prompts)
+    for p in prompts:
+        assert not any(p.endswith(n.strip()) for n in new if n.strip().endswith("?")), p
+
+
+def test_run_zoo_config_follows_the_world_version():
+    from mera.zoo.build import run_zoo_config, zoo_dir, zoo_name
+
+    z = run_zoo_config({"home": "/x"}, {"version": 2})
+    assert z.world.version == 2 and zoo_name(z) == "toy-zoo-v2" and zoo_dir(z) == Path("/x/toy-zoo-v2")
+    assert run_zoo_config({"world": {"version": 1}}, {"version": 2}).world.version == 1  # said explicitly
+
+
+def test_calibration_config_is_validation_only_with_the_realign_rule():
+    from mera.config.loading import load_config
+    from mera.runner.run_config import RunConfig
+
+    cfg = load_config(Path(__file__).parents[1] / "configs" / "toy" / "calibration.yaml", [], RunConfig)
+    assert cfg.eval.split == "val" and cfg.run_seeds == [100, 101, 102]
+    assert cfg.data.toy == {"version": 2} and set(cfg.orders) == {"sequential", "reverse"}
+    assert cfg.train.realign.lr_connector == cfg.train.instruct.lr_connector  # the rule, fixed before any run
+    assert [m.name for m in cfg.methods] == ["Fine-Tuning", "MERA (10%)"]

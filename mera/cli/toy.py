@@ -11,12 +11,16 @@ def add_parser(subparsers):
     b = tsub.add_parser("build", help="build the toy model zoo (tokenizer, tiny LLM, encoders) into the cache")
     b.add_argument("--force", action="store_true", help="rebuild even if the cache is complete")
     b.add_argument("--home", help="cache folder (default: $MERA_HOME or ~/.cache/mera)")
+    b.add_argument("--world-version", type=int, choices=(1, 2), default=1,
+                   help="the toy world whose zoo to build (2: toy-world-2, docs/calibration.md)")
     s = tsub.add_parser("show", help="print a few samples per modality and save a PNG sheet of them")
     s.add_argument("--out", default="toy_show", help="folder for the PNG sheet (default: toy_show)")
     s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--world-version", type=int, choices=(1, 2), default=1, help="the toy world (2: toy-world-2)")
     d = tsub.add_parser("data", help="write the toy data sets (LLaVA-style JSON + media files)")
     d.add_argument("--out", required=True, help="output folder")
     d.add_argument("--seed", type=int, default=0)
+    d.add_argument("--world-version", type=int, choices=(1, 2), default=1, help="the toy world (2: toy-world-2)")
     toy.set_defaults(func=run)
     return toy
 
@@ -25,12 +29,13 @@ def run(args) -> int:
     if args.toy_command == "build":
         from mera.zoo.build import ZooConfig, build_zoo, format_build_summary
 
-        manifest = build_zoo(ZooConfig(home=args.home), force=args.force, progress=sys.stderr.isatty())
+        zcfg = ZooConfig(home=args.home, world={"version": args.world_version})
+        manifest = build_zoo(zcfg, force=args.force, progress=sys.stderr.isatty())
         print(format_build_summary(manifest))
         return 0
     from mera.data.toy_world import ToyWorldConfig
 
-    wcfg = ToyWorldConfig(seed=args.seed)
+    wcfg = ToyWorldConfig(seed=args.seed, version=args.world_version)
     if args.toy_command == "show":
         from mera.data.show import show
 

@@ -138,9 +138,9 @@ def load_assets(cfg, config_dir: str | Path, *, cache_dir: str | Path | None = N
         torch.set_num_threads(threads)
     a = Assets(cfg, Path(config_dir), device=dist.device())
     if _uses_zoo(cfg):
-        from mera.zoo.build import ZooConfig, build_zoo, zoo_paths
+        from mera.zoo.build import build_zoo, run_zoo_config, zoo_paths
 
-        zcfg = validate(cfg.zoo or {}, ZooConfig, "config section 'zoo'")
+        zcfg = run_zoo_config(cfg.zoo, cfg.data.toy)
         build_zoo(zcfg, force=False, progress=progress)
         a.zoo_paths = zoo_paths(zcfg)
     a.llm_path = a.resolve(cfg.model.llm)

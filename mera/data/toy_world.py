@@ -42,7 +42,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
-from pydantic import Field
+from pydantic import Field, model_serializer, model_validator
 
 from mera import MODALITIES, PLACEHOLDERS
 from mera.config.base import StrictModel
@@ -51,7 +51,8 @@ from mera.data.media import AudioClip, write_media
 from mera.errors import ConfigError, DataError
 from mera.io import write_json
 
-WORLD_VERSION = "toy-world-1"
+WORLD_VERSION = "toy-world-1"  # the world of ``ToyWorldConfig(version=1)`` (the default)
+WORLD_VERSIONS = {1: "toy-world-1", 2: "toy-world-2"}  # ToyWorldConfig.version -> its name
 SPLITS = ("train", "test", "val")  # val: for choosing hyper-parameters (mera sweep)
 EVAL_SPLITS = ("test", "val")  # splits whose captions carry every template as references
 
@@ -114,6 +115,53 @@ QUESTIONS = {
 # The only question types that text_instructions asks (about objects given in words).
 TEXT_QUESTION_TYPES = ("colour", "shape")
 
+# --- toy-world-2 (``ToyWorldConfig(version=2)``, docs/calibration.md): the paper's regime. The
+# media, attributes and caption templates are those of toy-world-1; what changes is what the shared
+# LLM has to learn. One caption instruction for every modality (only the connector's tokens say
+# which modality it is) and one question format per kind of attribute across modalities ("how many
+# are there ?" for image shapes and audio beeps, "what colour is it ?", "how <adjective> is it ?" for
+# every graded attribute), none of which the text pre-training (toy-world-1's instructions) ever
+# uses: each stage must teach them to the LLM, and the next stage teaches the same prompts other
+# answers, which is where sequential fine-tuning forgets.
+CAPTION_PROMPTS_V2 = {m: f"{PLACEHOLDERS[m]}\ndescribe it ." for m in MODALITIES}
+QUESTIONS_V2 = {
+    "image": {
+        "colour": "what colour is the {shape} ?",
+        "shape": "what shape is the {colour} one ?",
+        "size": "how big is the {colour} {shape} ?",
+        "position": "where is the {colour} {shape} ?",
+        "count": "how many are there ?",
+    },
+    "video": {
+        "colour": "what colour is it ?",
+        "shape": "what shape is it ?",
+        "direction": "where is it going ?",
+        "speed": "how fast is it ?",
+    },
+    "audio": {
+        "count": "how many are there ?",
+        "pitch": "how high is it ?",
+        "timbre": "what kind is it ?",
+    },
+    "point": {
+        "shape": "what shape is it ?",
+        "colour": "what colour is it ?",
+        "proportion": "how tall is it ?",
+    },
+}
+_LANGUAGE = {1: (CAPTION_PROMPTS, QUESTIONS), 2: (CAPTION_PROMPTS_V2, QUESTIONS_V2)}
+
+
+def caption_prompts(version: int = 1) -> dict[str, str]:
+    """The human turn of a caption sample, per modality, in world ``version``."""
+    return _LANGUAGE[version][0]
+
+
+def questions(version: int = 1) -> dict[str, dict[str, str]]:
+    """QA questions per modality and question type, in world ``version``."""
+    return _LANGUAGE[version][1]
+
+
 # Caption templates. Image: (sentence, per-object phrase, joiner), objects in quadrant order.
 IMAGE_TEMPLATES = (
     ("{objects} .", "a {size} {colour} {shape} at the {position}", " and "),
@@ -169,9 +217,19 @@ def attribute_heads(modality: str) -> dict[str, int]:
 # ------------------------------------------------------------------------------ config
 
 
-class ToyWorldConfig(StrictModel):
-    """The toy world's sizes and difficulty. Counts are per modality and per set."""
+# toy-world-2's default sizes of the evaluation sets (toy-world-1 keeps 60 + 60)
+_V2_EVAL_SIZES = {"n_test_caption": 300, "n_test_qa": 300, "n_val_caption": 300, "n_val_qa": 300}
 
+
+class ToyWorldConfig(StrictModel):
+    """The toy world's sizes and difficulty. Counts are per modality and per set.
+
+    ``version`` selects the world: 1 (toy-world-1, the default) or 2 (toy-world-2: shared prompts
+    and question formats, 300 + 300 test and validation items per modality by default). A
+    version-1 config dumps without ``version``, so its hashes and folders are what they always were.
+    """
+
+    version: int = Field(1, ge=1, le=2)
     seed: int = 0
     n_train_caption: int = Field(600, ge=1)
     n_train_qa: int = Field(600, ge=1)
@@ -192,9 +250,27 @@ class ToyWorldConfig(StrictModel):
     point_outliers: float = Field(0.05, ge=0.0, le=0.5)  # share of points replaced by random clutter
     colour_jitter: float = Field(0.06, ge=0.0, le=0.5)  # per-sample jitter of each colour channel
 
+    @model_validator(mode="before")
+    @classmethod
+    def _version_defaults(cls, data):
+        if isinstance(data, dict) and data.get("version") == 2:
+            data = {**_V2_EVAL_SIZES, **data}
+        return data
+
+    @model_serializer(mode="wrap")
+    def _dump(self, handler):
+        d = handler(self)
+        if isinstance(d, dict) and self.version == 1:
+            d.pop("version", None)  # toy-world-1's dumps (hashes, manifests) predate the field
+        return d
+
+    @property
+    def world_version(self) -> str:
+        return WORLD_VERSIONS[self.version]
+
 
 def config_hash(cfg: ToyWorldConfig) -> str:
-    blob = json.dumps({"version": WORLD_VERSION, "config": cfg.model_dump()}, sort_keys=True)
+    blob = json.dumps({"version": cfg.world_version, "config": cfg.model_dump()}, sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
@@ -289,8 +365,9 @@ def all_captions(modality: str, attributes: dict[str, int]) -> list[str]:
     return out
 
 
-def _question(modality: str, a: dict[str, int], qtype: str, rng: np.random.Generator) -> tuple[str, str]:
-    q = QUESTIONS[modality][qtype]
+def _question(modality: str, a: dict[str, int], qtype: str, rng: np.random.Generator,
+              version: int = 1) -> tuple[str, str]:
+    q = questions(version)[modality][qtype]
     if modality == "image":
         objs = _image_objects(a)
         o = objs[int(rng.integers(len(objs)))]
@@ -583,24 +660,27 @@ def generate(modality: str, task: str, split: str, n: int, seed: int = 0,
         raise ConfigError(f"task must be one of {list(TASKS)} and split one of {list(SPLITS)}; got {task!r}, {split!r}")
     cfg = cfg or ToyWorldConfig()
     rng = np.random.default_rng([int(seed), MODALITIES.index(modality) + 1, _STREAM[task], _STREAM[split], 17])
-    qtypes = list(QUESTIONS[modality])
+    qtypes = list(questions(cfg.version)[modality])
     out = []
     for i in range(n):
         media, a = draw(modality, rng, cfg)
         if task == "caption":
             answer = caption(modality, a, int(rng.integers(len(TEMPLATES[modality]))))
-            prompt = CAPTION_PROMPTS[modality]
+            prompt = caption_prompts(cfg.version)[modality]
             refs = all_captions(modality, a) if split in EVAL_SPLITS else [answer]
         else:
-            question, answer = _question(modality, a, qtypes[int(rng.integers(len(qtypes)))], rng)
+            question, answer = _question(modality, a, qtypes[int(rng.integers(len(qtypes)))], rng, cfg.version)
             prompt = f"{PLACEHOLDERS[modality]}\n{question}"
             refs = [answer]
         out.append(ToySample(f"{modality}_{task}_{split}_{i:05d}", modality, task, media, prompt, answer, refs, a))
     return out
 
 
-def text_instructions(n: int, seed: int = 0) -> list[tuple[str, str]]:
+def text_instructions(n: int, seed: int = 0, version: int = 1) -> list[tuple[str, str]]:
     """``n`` text-only (prompt, answer) pairs in the toy language, for pre-training the tiny LM.
+
+    Every world ``version`` pre-trains on the same pairs (toy-world-1's instruction formats):
+    toy-world-2's shared prompts and question formats are never among them.
 
     Half are "describe" instructions, for every modality's attribute set::
 
@@ -634,10 +714,14 @@ def text_instructions(n: int, seed: int = 0) -> list[tuple[str, str]]:
     return out
 
 
-def vocabulary() -> list[str]:
-    """Every word that any prompt, answer, reference or text instruction can contain (sorted)."""
+def vocabulary(version: int = 1) -> list[str]:
+    """Every word that any prompt, answer, reference or text instruction of world ``version`` can
+    contain (sorted; version 2's is version 1's plus the words of its prompts)."""
     texts: list[str] = list(CAPTION_PROMPTS.values())
     texts += [q for qs in QUESTIONS.values() for q in qs.values()]
+    if version >= 2:
+        texts += list(CAPTION_PROMPTS_V2.values())
+        texts += [q for qs in QUESTIONS_V2.values() for q in qs.values()]
     for ts in TEMPLATES.values():
         for t in ts:
             texts += list(t) if isinstance(t, tuple) else [t]
@@ -722,7 +806,7 @@ def write_world(out_dir: str | os.PathLike, cfg: ToyWorldConfig | None = None,
     if bar is not None:
         bar.close()
     write_json(manifest, {
-        "world_version": WORLD_VERSION,
+        "world_version": cfg.world_version,
         "config_hash": h,
         "config": cfg.model_dump(),
         "counts": counts,

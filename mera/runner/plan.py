@@ -76,10 +76,9 @@ def _resolver(cfg, config_dir: Path):
     zoo = None
     refs = [cfg.model.llm] + [b.encoder.path or "" for b in cfg.model.branches.values()]
     if any(str(r).startswith("zoo:") for r in refs):
-        from mera.config import validate
-        from mera.zoo.build import ZooConfig, zoo_paths
+        from mera.zoo.build import run_zoo_config, zoo_paths
 
-        zoo = zoo_paths(validate(cfg.zoo or {}, ZooConfig, "config section 'zoo'"))
+        zoo = zoo_paths(run_zoo_config(cfg.zoo, cfg.data.toy))
 
     def resolve(p: str) -> str:
         if p.startswith("zoo:") and zoo is not None:

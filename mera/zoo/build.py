@@ -38,7 +38,7 @@ from mera.io import replace_dir, sha256_file, write_json
 from mera.paths import zoo_home
 from mera.zoo.lm import LMConfig
 
-ZOO_NAME = "toy-zoo-v1"
+ZOO_NAME = "toy-zoo-v1"  # the zoo of toy-world-1; toy-world-2's lives in toy-zoo-v2 (zoo_name)
 MANIFEST = "manifest.json"
 ENCODER_MODALITIES = ("image", "audio", "point")  # video reuses the image encoder, frame by frame
 BUILD_HINT = "run `mera toy build`"
@@ -54,12 +54,29 @@ class ZooConfig(StrictModel):
     seed: int = 0  # seeds the text instructions and the encoders (the LM has its own lm.seed)
 
 
+def zoo_name(cfg: ZooConfig | None = None) -> str:
+    """``toy-zoo-v<world version>``: each world version has its own zoo (tokenizer, LLM, encoders)."""
+    return ZOO_NAME if cfg is None or cfg.world.version == 1 else f"toy-zoo-v{cfg.world.version}"
+
+
+def run_zoo_config(zoo: dict | None, toy: dict | None) -> ZooConfig:
+    """The zoo of a run: its ``zoo`` section, the world version following ``data.toy.version``
+    unless ``zoo.world.version`` says otherwise (a run on toy-world-2 uses toy-zoo-v2)."""
+    from mera.config import validate
+
+    zoo = dict(zoo or {})
+    version = (toy or {}).get("version") if isinstance(toy, dict) else None
+    if version is not None and "version" not in (zoo.get("world") or {}):
+        zoo["world"] = {**(zoo.get("world") or {}), "version": version}
+    return validate(zoo, ZooConfig, "config section 'zoo'")
+
+
 def zoo_dir(cfg: ZooConfig | None = None) -> Path:
-    return zoo_home(cfg) / ZOO_NAME
+    return zoo_home(cfg) / zoo_name(cfg)
 
 
 def config_hash(cfg: ZooConfig) -> str:
-    payload = {"zoo": ZOO_NAME, "config": cfg.model_dump(mode="json", exclude={"home"})}
+    payload = {"zoo": zoo_name(cfg), "config": cfg.model_dump(mode="json", exclude={"home"})}
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()
 
 
@@ -202,15 +219,15 @@ def zoo_paths(cfg: ZooConfig | None = None) -> dict:
 
 
 @contextmanager
-def _build_lock(home: Path):
-    """An exclusive lock on ``<home>/.toy-zoo-v1.lock`` (POSIX); a no-op where fcntl is missing."""
+def _build_lock(home: Path, name: str = ZOO_NAME):
+    """An exclusive lock on ``<home>/.<name>.lock`` (POSIX); a no-op where fcntl is missing."""
     try:
         import fcntl
     except ImportError:  # pragma: no cover - Windows
         yield False
         return
     home.mkdir(parents=True, exist_ok=True)
-    with open(home / f".{ZOO_NAME}.lock", "a+") as f:
+    with open(home / f".{name}.lock", "a+") as f:
         fcntl.flock(f, fcntl.LOCK_EX)
         try:
             yield True
@@ -261,7 +278,8 @@ def _build_into(tmp: Path, cfg: ZooConfig, progress: bool) -> ZooManifest:
     parts: dict[str, PartInfo] = {}
 
     t = time.perf_counter()
-    tok = build_tokenizer(toy_world.vocabulary(), tmp / "tokenizer", model_max_length=cfg.lm.max_position_embeddings)
+    version = cfg.world.version
+    tok = build_tokenizer(toy_world.vocabulary(version), tmp / "tokenizer", model_max_length=cfg.lm.max_position_embeddings)
     parts["tokenizer"] = _part_info(tmp, tmp / "tokenizer", time.perf_counter() - t, {"vocab_size": len(tok)})
     _log(progress, f"tokenizer: {len(tok)} tokens")
 
@@ -280,7 +298,7 @@ def _build_into(tmp: Path, cfg: ZooConfig, progress: bool) -> ZooManifest:
         _log(progress, "encoders: training in a second process")
     threads = torch.get_num_threads()
     t = time.perf_counter()
-    pairs = toy_world.text_instructions(cfg.n_text_pairs, seed=cfg.seed)
+    pairs = toy_world.text_instructions(cfg.n_text_pairs, seed=cfg.seed, version=version)
     try:
         if parallel:
             torch.set_num_threads(1)
@@ -320,6 +338,7 @@ def _build_into(tmp: Path, cfg: ZooConfig, progress: bool) -> ZooManifest:
     _log(progress, f"encoders: {t_enc:.1f} s")
 
     m = ZooManifest(
+        zoo=zoo_name(cfg),
         mera_version=__version__,
         created=datetime.now(timezone.utc).isoformat(timespec="seconds"),
         config_hash=config_hash(cfg),
@@ -364,17 +383,18 @@ def build_zoo(cfg: ZooConfig | None = None, force: bool = False, progress: bool 
         if m is not None:
             return m
     home = zoo_home(cfg)
-    root = home / ZOO_NAME
-    with _build_lock(home) as locked:
+    name = zoo_name(cfg)
+    root = home / name
+    with _build_lock(home, name) as locked:
         if not force:  # someone may have finished it while we waited for the lock
             m, _ = _inspect(cfg)
             if m is not None:
                 return m
         if locked:  # leftovers of builds that died (nobody else can be building now)
-            for junk in home.glob(f".{ZOO_NAME}.*-*"):
+            for junk in home.glob(f".{name}.*-*"):
                 if junk.is_dir():
                     shutil.rmtree(junk, ignore_errors=True)
-        tmp = home / f".{ZOO_NAME}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+        tmp = home / f".{name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
         tmp.mkdir(parents=True)
         _log(progress, f"building the toy model zoo into {root}")
         try:
