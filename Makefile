@@ -21,9 +21,10 @@ demo: $(STAMP)
 	$(BIN)/mera toy build
 	$(BIN)/mera run configs/toy/demo.yaml --out runs/demo --resume --workers 2
 
-# ruff, the layer contract (lint-imports, pyproject.toml) and the whole suite
+# ruff, the layer contract (lint-imports, pyproject.toml) and the whole suite; -rs prints why a test
+# skipped (without Chromium: the report.html browser test, one line saying how to install it)
 test: lint
-	$(BIN)/python -m pytest -n 2 --dist loadfile --durations=15
+	$(BIN)/python -m pytest -n 2 --dist loadfile --durations=15 -rs
 
 # the inner loop: lint and the tests that do not train a run (about 90 s)
 test-fast: lint
