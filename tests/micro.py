@@ -50,6 +50,25 @@ def build_tiny_assets(root: Path) -> Path:
                                                audio_rate=4000))
     return root
 
+
+def tiny_config(assets: Path, name: str, world: Path | None = None) -> dict:
+    """A 2-stage Fine-Tuning config (image then point) on :func:`build_tiny_assets` (or on the toy
+    world in ``world``), as a dict: the smallest run there is (1 epoch, batch 8, LoRA rank 2)."""
+    world = world or assets / "world"
+    sets = {m: {f"{t}_{s}": str(world / m / f"{t}_{s}.json") for t in ("caption", "qa") for s in ("train", "test")}
+            for m in ("image", "point")}
+    return {
+        "name": name,
+        "model": {"llm": str(assets / "llm"), "tokenizer": str(assets / "tokenizer"),
+                  "branches": {m: {"encoder": {"family": f"toy_{m}", "path": str(assets / m)}} for m in ("image", "point")}},
+        "data": {"sets": sets},
+        "orders": {"seq": ["image", "point"]},
+        "methods": [{"name": "FT", "strategies": ["finetune"]}],
+        "train": {"align": {"epochs": 1, "batch_size": 8}, "instruct": {"epochs": 1, "batch_size": 8, "lr_lora": 1e-3},
+                  "realign": {"epochs": 1, "batch_size": 8}, "lora": {"r": 2, "alpha": 4, "dropout": 0.0}},
+        "eval": {"batch_size": 8, "max_new_tokens": 4},
+    }
+
 METHODS = [{"name": "Fine-Tuning", "strategies": ["finetune"]},
            {"name": "MERA (10%)", "strategies": ["merge", "realign"], "replay_ratio": 0.1},
            {"name": "Replay (10%)", "strategies": ["replay"], "replay_ratio": 0.1},

@@ -116,21 +116,9 @@ def assets(home, tmp_path_factory):
 
 
 def base_config(assets: Path, world: Path | None = None) -> dict:
-    world = world or assets / "world"
-    sets = {m: {f"{t}_{s}": str(world / m / f"{t}_{s}.json") for t in ("caption", "qa") for s in ("train", "test")}
-            for m in ("image", "point")}
-    return {
-        "name": "bad-input",
-        "model": {"llm": str(assets / "llm"), "tokenizer": str(assets / "tokenizer"),
-                  "branches": {"image": {"encoder": {"family": "toy_image", "path": str(assets / "image")}},
-                               "point": {"encoder": {"family": "toy_point", "path": str(assets / "point")}}}},
-        "data": {"sets": sets},
-        "orders": {"seq": ["image", "point"]},
-        "methods": [{"name": "FT", "strategies": ["finetune"]}],
-        "train": {"align": {"epochs": 1, "batch_size": 8}, "instruct": {"epochs": 1, "batch_size": 8, "lr_lora": 1e-3},
-                  "realign": {"epochs": 1, "batch_size": 8}, "lora": {"r": 2, "alpha": 4, "dropout": 0.0}},
-        "eval": {"batch_size": 8, "max_new_tokens": 4},
-    }
+    from micro import tiny_config
+
+    return tiny_config(assets, "bad-input", world)
 
 
 def write_config(path: Path, cfg: dict) -> Path:

@@ -171,20 +171,9 @@ def tiny(tmp_path_factory):
 
 
 def tiny_config(root: Path, path: Path, **sections) -> Path:
-    world = root / "world"
-    sets = {m: {f"{t}_{s}": str(world / m / f"{t}_{s}.json") for t in ("caption", "qa") for s in ("train", "test")}
-            for m in ("image", "point")}
-    cfg = {
-        "name": "full-disk",
-        "model": {"llm": str(root / "llm"), "tokenizer": str(root / "tokenizer"),
-                  "branches": {m: {"encoder": {"family": f"toy_{m}", "path": str(root / m)}} for m in ("image", "point")}},
-        "data": {"sets": sets},
-        "orders": {"seq": ["image", "point"]},
-        "methods": [{"name": "FT", "strategies": ["finetune"]}],
-        "train": {"align": {"epochs": 1, "batch_size": 8}, "instruct": {"epochs": 1, "batch_size": 8, "lr_lora": 1e-3},
-                  "realign": {"epochs": 1, "batch_size": 8}, "lora": {"r": 2, "alpha": 4, "dropout": 0.0}},
-        "eval": {"batch_size": 8, "max_new_tokens": 4},
-    }
+    from micro import tiny_config as config
+
+    cfg = config(root, "full-disk")
     for k, v in sections.items():
         cfg[k].update(v)
     path.write_text(yaml.safe_dump(cfg))
